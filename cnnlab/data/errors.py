@@ -1,7 +1,8 @@
 """The one exception type of the data layer.
 
-`DataError` subclasses `ValueError` so callers that validate inputs generically (`except ValueError`)
-catch it, while its messages always name the dataset, split, file or key at fault and the fix.
+`DataError` subclasses `ValueError`, so callers that validate inputs generically
+(`except ValueError`) catch it, while its messages always name the dataset, split, file or key at
+fault, and the fix.
 """
 
 

@@ -36,7 +36,7 @@ class AlexNet(nn.Module):
                     dtype=self.dtype, name=f'conv{i}')(x, train)
       if pool:
         x = Pool('max', 3, 2, name=f'pool{i}')(x)
-      self.sow('intermediates', f'conv{i}', x)
+      self.sow('intermediates', f'features{i}', x)
     x = AdaptiveAvgPool(self.pool_size, name='avgpool')(x)
     x = MLPHead(self.num_classes, (self.hidden, self.hidden), self.dropout, dropout_first=True,
                 dtype=self.dtype, name='classifier')(x, train)

@@ -59,7 +59,7 @@ class GoogLeNet(nn.Module):
     for name, arg in _LAYOUT:
       if name.startswith('inception'):
         x = InceptionBlock(*arg, branch3_kernel=self.branch3_kernel, conv=conv, name=name)(x, train)
-        self.sow('intermediates', name, x)
+        self.sow('intermediates', f'{name}_out', x)
       elif name.startswith('pool'):
         x = Pool('max', arg, 2, ceil_mode=True, name=name)(x)
       elif run_aux:

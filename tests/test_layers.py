@@ -1,0 +1,184 @@
+"""Layer semantics against PyTorch (the oracle for convolution arithmetic) and layer contracts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnlab import layers
+
+torch = pytest.importorskip('torch')
+F = torch.nn.functional
+
+
+def nchw(x):
+  return torch.tensor(np.asarray(x).transpose(0, 3, 1, 2))
+
+
+def nhwc(t):
+  return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.fixture(scope='module')
+def images():
+  return np.random.RandomState(0).randn(2, 10, 11, 4).astype(np.float32)
+
+
+@pytest.mark.parametrize('kwargs,torch_kwargs', [
+    (dict(kernel_size=3, padding=1), dict(padding=1)),
+    (dict(kernel_size=3, strides=2, padding='VALID'), dict(stride=2)),
+    (dict(kernel_size=5, padding='SAME'), dict(padding='same')),
+    (dict(kernel_size=3, padding='FULL'), dict(padding=2)),
+    (dict(kernel_size=(3, 1), padding=(1, 0)), dict(padding=(1, 0))),
+    (dict(kernel_size=3, dilation=2, padding=2), dict(dilation=2, padding=2)),
+    (dict(kernel_size=3, groups=2, padding=1), dict(groups=2, padding=1)),
+    (dict(kernel_size=3, groups=4, padding=1, features=4), dict(groups=4, padding=1)),  # depthwise
+])
+def test_conv_matches_torch(images, kwargs, torch_kwargs):
+  kwargs = {'features': 6, **kwargs}
+  block = layers.ConvBlock(norm='none', act='none', **kwargs)
+  variables = block.init(jax.random.key(0), images)
+  kernel = np.asarray(variables['params']['conv']['kernel'])  # (kh, kw, in/groups, out)
+  bias = np.asarray(variables['params']['conv']['bias'])
+  expected = F.conv2d(nchw(images), torch.tensor(kernel.transpose(3, 2, 0, 1)), torch.tensor(bias),
+                      **torch_kwargs)
+  np.testing.assert_allclose(block.apply(variables, images), nhwc(expected), atol=1e-5)
+
+
+def test_asymmetric_padding_pairs(images):
+  block = layers.ConvBlock(3, 3, padding=((0, 2), (1, 0)), norm='none', act='none')
+  variables = block.init(jax.random.key(0), images)
+  kernel = np.asarray(variables['params']['conv']['kernel']).transpose(3, 2, 0, 1)
+  padded = F.pad(nchw(images), (1, 0, 0, 2))  # (w_lo, w_hi, h_lo, h_hi)
+  expected = F.conv2d(padded, torch.tensor(kernel), torch.tensor(np.asarray(variables['params']['conv']['bias'])))
+  np.testing.assert_allclose(block.apply(variables, images), nhwc(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['max', 'avg'])
+@pytest.mark.parametrize('count_include_pad', [True, False])
+@pytest.mark.parametrize('ceil_mode', [False, True])
+@pytest.mark.parametrize('window,stride,padding', [(3, 2, 1), (2, 2, 0), (3, 3, 1), (2, 1, 1)])
+def test_pool_matches_torch(images, kind, count_include_pad, ceil_mode, window, stride, padding):
+  pool = layers.Pool(kind, window, stride, padding=padding, count_include_pad=count_include_pad,
+                     ceil_mode=ceil_mode)
+  if kind == 'max':
+    expected = F.max_pool2d(nchw(images), window, stride, padding, ceil_mode=ceil_mode)
+  else:
+    expected = F.avg_pool2d(nchw(images), window, stride, padding, ceil_mode=ceil_mode,
+                            count_include_pad=count_include_pad)
+  np.testing.assert_allclose(pool.apply({}, images), nhwc(expected), atol=1e-6)
+
+
+@pytest.mark.parametrize('out', [1, 3, (4, 6), 7])
+def test_adaptive_avg_pool_matches_torch(images, out):
+  np.testing.assert_allclose(layers.AdaptiveAvgPool(out).apply({}, images),
+                             nhwc(F.adaptive_avg_pool2d(nchw(images), out)), atol=1e-6)
+
+
+def test_global_pools(images):
+  np.testing.assert_allclose(layers.GlobalPool('avg').apply({}, images), images.mean((1, 2)), atol=1e-6)
+  np.testing.assert_allclose(layers.GlobalPool('max').apply({}, images), images.max((1, 2)))
+
+
+def test_up_block_matches_torch_conv_transpose(images):
+  up = layers.UpBlock(5, kernel_size=3, strides=2, padding=1, output_padding=1, norm='none', act='none')
+  variables = up.init(jax.random.key(0), images)
+  kernel = np.asarray(variables['params']['conv']['kernel'])  # (kh, kw, out, in): transpose_kernel
+  # PyTorch's ConvTranspose2d weight is (in, out, kh, kw) and is the adjoint of conv2d.
+  weight = torch.tensor(kernel.transpose(3, 2, 0, 1))
+  expected = F.conv_transpose2d(nchw(images), weight, torch.tensor(np.asarray(variables['params']['conv']['bias'])),
+                                stride=2, padding=1, output_padding=1)
+  np.testing.assert_allclose(up.apply(variables, images), nhwc(expected), atol=1e-5)
+
+
+def test_textbook_exercise_ten_3x3_filters_on_6x6x3():
+  block = layers.ConvBlock(10, 3, padding='VALID', norm='none')
+  out, variables = jax.jit(block.init_with_output)(jax.random.key(0), jnp.zeros((1, 6, 6, 3)))
+  assert out.shape == (1, 4, 4, 10)
+  assert sum(p.size for p in jax.tree.leaves(variables['params'])) == 280  # 10 x (27 + 1)
+
+
+def test_batch_norm_train_and_eval():
+  block = layers.ConvBlock(4, 3)
+  x = jax.random.normal(jax.random.key(1), (8, 6, 6, 3)) * 3 + 2
+  variables = jax.jit(block.init)(jax.random.key(0), x)
+  y, updates = block.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert not np.allclose(updates['batch_stats']['norm']['mean'], 0)  # running stats moved
+  assert y.shape == (8, 6, 6, 4) and float(y.min()) >= 0  # ReLU after the norm
+
+
+def test_group_and_layer_norm_choose_valid_groups():
+  for norm in ('group', 'layer'):
+    y, v = jax.jit(layers.ConvBlock(12, 3, norm=norm, num_groups=8).init_with_output)(
+        jax.random.key(0), jnp.ones((2, 5, 5, 3)))
+    assert y.shape == (2, 5, 5, 12) and 'norm' in v['params']
+
+
+@pytest.mark.parametrize('shortcut', ['projection', 'pad'])
+def test_basic_block_shapes_and_shortcut(shortcut):
+  block = layers.BasicBlock(16, strides=2, shortcut=shortcut)
+  y, v = jax.jit(block.init_with_output)(jax.random.key(0), jnp.ones((2, 8, 8, 8)))
+  assert y.shape == (2, 4, 4, 16)
+  assert ('shortcut' in v['params']) == (shortcut == 'projection')
+
+
+def test_zero_init_last_makes_the_block_start_as_identity():
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 6, 6, 16)))
+  for block in (layers.BasicBlock(16, zero_init_last=True), layers.Bottleneck(4, zero_init_last=True)):
+    v = jax.jit(block.init)(jax.random.key(1), x)
+    np.testing.assert_allclose(block.apply(v, x), x, atol=1e-6)  # relu(0 + x) = x for x >= 0
+
+
+def test_bottleneck_expands_by_four_and_strides_the_3x3():
+  block = layers.Bottleneck(8, strides=2)
+  y, v = jax.jit(block.init_with_output)(jax.random.key(0), jnp.ones((1, 8, 8, 16)))
+  assert y.shape == (1, 4, 4, 32)
+  assert v['params']['conv2']['conv']['kernel'].shape == (3, 3, 8, 8)
+  assert v['params']['conv1']['conv']['kernel'].shape == (1, 1, 16, 8)
+
+
+def test_inception_block_concatenates_four_branches():
+  block = layers.InceptionBlock(8, 4, 12, 2, 6, 5)
+  y, v = jax.jit(block.init_with_output)(jax.random.key(0), jnp.ones((1, 7, 7, 10)))
+  assert y.shape == (1, 7, 7, 8 + 12 + 6 + 5)
+  assert v['params']['branch3']['conv']['kernel'].shape[:2] == (5, 5)
+  assert set(v['params']) == {'branch1', 'branch2_reduce', 'branch2', 'branch3_reduce', 'branch3', 'branch4_proj'}
+
+
+def test_aux_head_output():
+  y = jax.jit(layers.AuxHead(7).init_with_output)(jax.random.key(0), jnp.ones((2, 14, 14, 32)))[0]
+  assert y.shape == (2, 7)
+
+
+@pytest.mark.parametrize('make,argument', [
+    (lambda: layers.ConvBlock(8, kernel_size=0), 'kernel_size'),
+    (lambda: layers.ConvBlock(8, strides=-1), 'strides'),
+    (lambda: layers.ConvBlock(8, padding='HALF'), 'padding'),
+    (lambda: layers.ConvBlock(8, norm='instance'), 'norm'),
+    (lambda: layers.ConvBlock(8, act='relu7'), 'act'),
+    (lambda: layers.ConvBlock(6, groups=4), 'groups'),
+    (lambda: layers.Pool('median'), 'pool'),
+    (lambda: layers.Pool('max', window=0), 'window'),
+    (lambda: layers.make_pool('sum'), 'pool'),
+    (lambda: layers.BasicBlock(8, shortcut='skip'), 'shortcut'),
+    (lambda: layers.UpBlock(8, kernel_size=0), 'kernel_size'),
+])
+def test_invalid_arguments_name_the_argument(make, argument):
+  with pytest.raises(ValueError, match=argument):
+    make()
+
+
+def test_too_small_input_names_the_layer():
+  class Net(layers.nn.Module):
+    @layers.nn.compact
+    def __call__(self, x):
+      x = layers.ConvBlock(4, 3, 2, padding=0, name='stage1_conv')(x)
+      return layers.ConvBlock(4, 5, padding='VALID', name='stage2_conv')(x)
+
+  with pytest.raises(ValueError, match='stage2_conv.*too small'):
+    Net().init(jax.random.key(0), jnp.ones((1, 7, 7, 1)))
+
+
+def test_make_pool_none_is_no_layer():
+  assert layers.make_pool('none') is None
+  assert isinstance(layers.make_pool('avg', 3, 2), layers.Pool)

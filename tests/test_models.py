@@ -1,0 +1,186 @@
+"""Every registered model: compiles, right shapes at its natural size and another, finite, both modes.
+
+Parametrised over list_models(), so a newly registered model is tested the moment it exists.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnlab import analysis, models
+
+RNGS = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
+
+
+def small_shape(spec):
+  """Another input size than the natural one: 64x64 for ImageNet models, else 4 px larger."""
+  h, w, c = spec.input_shape
+  return (64, 64, c) if h >= 224 else (h + 4, w + 4, c)
+
+
+@pytest.mark.parametrize('name', models.list_models())
+def test_output_shapes_at_natural_size(name):
+  spec = models.get_spec(name)
+  model = models.create_model(name, num_classes=7)
+  x = jax.ShapeDtypeStruct((3, *spec.input_shape), jnp.float32)
+  variables = jax.eval_shape(functools.partial(model.init, RNGS, train=False), x)
+  for train in (False, True):
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=train, rngs=RNGS,
+                                                  mutable=['batch_stats', 'intermediates']),
+                         variables, x)[0]
+    assert out.shape == (3, 7) and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize('name', models.list_models())
+def test_compiles_and_runs_in_train_and_eval_mode(name):
+  spec = models.get_spec(name)
+  model = models.create_model(name, num_classes=5)
+  x = jax.random.normal(jax.random.key(2), (2, *small_shape(spec)))
+
+  @jax.jit
+  def run(x):
+    variables = model.init(RNGS, x, train=False)
+    train_out, updates = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(3)},
+                                     mutable=['batch_stats', 'intermediates'])
+    eval_out = model.apply(variables, x, train=False)
+    again = model.apply(variables, x, train=False)
+    return train_out, eval_out, again, updates
+
+  train_out, eval_out, again, updates = run(x)
+  assert train_out.shape == eval_out.shape == (2, 5)
+  assert np.isfinite(train_out).all() and np.isfinite(eval_out).all()
+  np.testing.assert_array_equal(eval_out, again)  # eval mode is deterministic
+  assert updates['intermediates'], 'models sow per-stage features into intermediates'
+  if 'batch_stats' in updates:
+    assert not np.allclose(train_out, eval_out)  # batch statistics differ from running ones
+
+
+# Parameter counts of torchvision's models for the same configuration (1000 classes, 224x224x3).
+TORCHVISION = {
+    'alexnet': 61_100_840, 'vgg11': 132_863_336, 'vgg11_bn': 132_868_840, 'vgg16': 138_357_544,
+    'vgg19': 143_667_240, 'resnet18': 11_689_512, 'resnet34': 21_797_672, 'resnet50': 25_557_032,
+    'resnet101': 44_549_160, 'resnet152': 60_192_808, 'googlenet': 13_004_888,
+}
+
+
+@pytest.mark.parametrize('name,count', sorted(TORCHVISION.items()))
+def test_parameter_counts_equal_torchvision(name, count):
+  assert analysis.count_params(models.create_model(name), (224, 224, 3)) == count
+
+
+def test_googlenet_without_aux_heads():
+  assert analysis.count_params(models.create_model('googlenet', aux_logits=False), (224, 224, 3)) == 6_624_904
+
+
+@pytest.mark.parametrize('name,shape,count', [
+    ('simple_cnn', (32, 32, 3), 10_002),       # the seeds' classic
+    ('lenet5', (32, 32, 1), 61_706),           # LeCun et al. 1998
+    ('resnet20', (32, 32, 3), 269_722),        # He et al. 2015, Table 6: 0.27M
+    ('resnet56', (32, 32, 3), 853_018),        # 0.85M
+    ('resnet110', (32, 32, 3), 1_727_962),     # 1.7M
+])
+def test_classic_parameter_counts(name, shape, count):
+  assert analysis.count_params(models.create_model(name), shape) == count
+
+
+def test_simple_cnn_works_on_28x28x1():
+  model = models.create_model('simple_cnn')
+  out, _ = jax.eval_shape(lambda x: model.init_with_output(RNGS, x), jnp.zeros((4, 28, 28, 1)))
+  assert out.shape == (4, 10)
+
+
+def test_googlenet_aux_logits_only_when_training():
+  model = models.create_model('googlenet', num_classes=4)
+  x = jax.ShapeDtypeStruct((2, 96, 96, 3), jnp.float32)
+  variables = jax.eval_shape(functools.partial(model.init, RNGS), x)
+  def sown(train):
+    _, state = jax.eval_shape(lambda v, x: model.apply(v, x, train=train, rngs=RNGS,
+                                                       mutable=['intermediates', 'batch_stats']), variables, x)
+    return state['intermediates']
+  assert sown(True)['aux1_logits'][0].shape == (2, 4) and 'aux2_logits' in sown(True)
+  assert 'aux1_logits' not in sown(False)
+  no_aux = models.create_model('googlenet', num_classes=4, aux_logits=False)
+  _, state = jax.eval_shape(lambda x: no_aux.init_with_output(RNGS, x, train=True), x)
+  assert 'aux1' not in state['params']
+
+
+def test_resnet_cifar_stem_keeps_resolution():
+  model = models.create_model('resnet18', stem='cifar', num_classes=10)
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  variables = jax.eval_shape(functools.partial(model.init, RNGS), x)
+  _, state = jax.eval_shape(lambda v, x: model.apply(v, x, mutable=['intermediates']), variables, x)
+  assert state['intermediates']['stem'][0].shape == (1, 32, 32, 64)
+  assert state['intermediates']['stage4'][0].shape == (1, 4, 4, 512)
+  assert 'stem_pool' not in str(analysis.summarize(model, (32, 32, 3)))
+
+
+def test_conv_stack_per_stage_arguments():
+  model = models.create_model('conv_stack', filters=(8, 16, 32), kernel_size=(3, 5, 7),
+                              stride=2, pool=('max', 'avg', 'none'), head='flatten', hidden=(20,))
+  rows = {r.name: r for r in analysis.summarize(model, (64, 64, 1)).layers}
+  assert rows['stage2_conv1'].params == 5 * 5 * 8 * 16 + 2 * 16  # conv (no bias) + batch norm
+  assert 'stage3_pool' not in rows and rows['stage2_pool'].kind == 'avg_pool'
+  assert rows['stage3_conv1'].output_shape == (2, 2, 32)  # 64 -> 32 -> 16 -> 8 -> 4 -> 2
+
+
+def test_conv_stack_strided_conv_replaces_pooling():
+  pooled = models.create_model('conv_stack', pool='max', stride=1)
+  strided = models.create_model('conv_stack', pool='none', stride=2)
+  a = analysis.summarize(pooled, (28, 28, 1)).layers
+  b = analysis.summarize(strided, (28, 28, 1)).layers
+  assert a[-3].output_shape == b[-3].output_shape == (7, 7, 64)  # the same downsampling
+
+
+def test_unknown_model_lists_the_available_names():
+  with pytest.raises(ValueError, match='resnet18') as e:
+    models.create_model('resnet19')
+  assert 'Did you mean' in str(e.value) and 'simple_cnn' in str(e.value)
+
+
+def test_unknown_override_names_the_argument():
+  with pytest.raises(ValueError, match="no argument 'num_clases'.*num_classes"):
+    models.create_model('resnet18', num_clases=10)
+
+
+def test_bad_conv_stack_arguments():
+  with pytest.raises(ValueError, match='kernel_size has 2 values but there are 3 stages'):
+    models.create_model('conv_stack', filters=(8, 8, 8), kernel_size=(3, 3))
+  with pytest.raises(ValueError, match='pool'):
+    models.create_model('conv_stack', pool='median')
+  with pytest.raises(ValueError, match='kernel_size'):
+    models.create_model('conv_stack', kernel_size=0)
+
+
+def test_input_too_small_names_the_layer():
+  model = models.create_model('alexnet')
+  with pytest.raises(ValueError, match='pool5.*too small'):
+    jax.eval_shape(functools.partial(model.init, RNGS), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_user_model_registered_from_outside(tmp_path, monkeypatch):
+  (tmp_path / 'my_models.py').write_text('''
+import flax.linen as nn
+from cnnlab.models import register
+
+@register('tiny_user_net', input_shape=(8, 8, 1), num_classes=3)
+class TinyUserNet(nn.Module):
+  num_classes: int = 3
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(4, (3, 3))(x)
+    return nn.Dense(self.num_classes)(x.mean((1, 2)))
+''')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  models.import_modules(['my_models'])
+  assert 'tiny_user_net' in models.list_models()
+  model = models.create_model('tiny_user_net', num_classes=2)
+  out, _ = jax.eval_shape(lambda x: model.init_with_output(RNGS, x), jnp.zeros((1, 8, 8, 1)))
+  assert out.shape == (1, 2)
+  with pytest.raises(ValueError, match='cannot import model module'):
+    models.import_modules(['no_such_module_here'])
+  with pytest.raises(TypeError, match='flax.linen.Module'):
+    models.register('not_a_module')(lambda: None)
