@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -44,6 +45,48 @@ def _models(args: argparse.Namespace) -> int:
   return 0
 
 
+def _split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.a.b=value` (or `--config.a.b value`) overrides from the other arguments."""
+  rest, overrides = [], []
+  argv = list(argv)
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):]
+      if '=' not in key:
+        if i + 1 >= len(argv):
+          raise SystemExit(f'cnnlab: error: {arg} needs a value')
+        key, i = f'{key}={argv[i + 1]}', i + 1
+      overrides.append(key)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _train(args: argparse.Namespace) -> int:
+  from cnnlab import config as config_lib, parallel
+  config = config_lib.load(args.config, args.overrides)
+  if 'XLA_FLAGS' not in os.environ or 'device_count' not in os.environ['XLA_FLAGS']:
+    parallel.configure_cpu_devices(config.parallel.cpu_devices)
+  parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  from cnnlab.train.loop import train_and_evaluate
+  summary = train_and_evaluate(config, args.workdir)
+  final = summary['final_eval'] or {}
+  print(f"done: {summary['steps']} steps, test accuracy {final.get('accuracy', float('nan')):.4f}, "
+        f"loss {final.get('loss', float('nan')):.4f}, wall {summary['wall_time_s']:.1f}s "
+        f"(compile {summary['compile_time_s']:.1f}s) -> {args.workdir}/summary.json")
+  return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+  from cnnlab import data
+  path = data.prepare(args.name, args.data_dir)
+  print(f'{args.name} is ready in {path}')
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='cnnlab', description=__doc__)
   sub = parser.add_subparsers(dest='command', required=True)
@@ -57,13 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--json', action='store_true', help='print the table as JSON')
   p.set_defaults(func=_summary)
 
+  p = sub.add_parser('train', help='train and evaluate an experiment config',
+                     epilog='Any config key can be overridden: --config.train.batch_size=64')
+  p.add_argument('--config', required=True, help='an experiment file defining get_config()')
+  p.add_argument('--workdir', required=True, help='run directory (resumed if it has checkpoints)')
+  p.add_argument('--coordinator', help='multi-process: host:port of process 0 (jax.distributed)')
+  p.add_argument('--num-processes', type=int, help='multi-process: number of processes')
+  p.add_argument('--process-id', type=int, help='multi-process: this process\'s index')
+  p.set_defaults(func=_train)
+
+  p = sub.add_parser('prepare', help='download/generate a dataset into the data directory')
+  p.add_argument('name', help='dataset name (see cnnlab.data.list_datasets())')
+  p.add_argument('--data-dir', help='default: $CNNLAB_DATA_DIR, $TFDS_DATA_DIR or ~/.cache/cnnlab/datasets')
+  p.set_defaults(func=_prepare)
+
   p = sub.add_parser('models', help='list the registered models')
   p.set_defaults(func=_models)
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  argv, overrides = _split_config_overrides(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(argv)
+  args.overrides = overrides
+  if overrides and args.command != 'train':
+    build_parser().error(f'--config.* overrides apply to train only, got {overrides}')
   try:
     return args.func(args)
   except ValueError as e:  # bad input: a clear message, no traceback

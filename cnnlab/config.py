@@ -1,0 +1,230 @@
+"""Experiment configs: load a config file, apply `--config.a.b=value` overrides, validate.
+
+A config file defines `get_config()` returning an ml_collections.ConfigDict (built on
+`experiments/base.py`). The loaded config is locked: every override must name an existing key (a
+misspelt one fails with a suggestion) and keep its type. `validate` collects every problem before
+anything compiles or any directory is written.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import ml_collections
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+OPTIMIZERS = ('sgd', 'adam', 'adamw', 'lamb')
+SCHEDULES = ('constant', 'cosine', 'piecewise', 'onecycle', 'triangular')
+STRATEGIES = ('jit', 'pmap')
+
+
+class ConfigError(ValueError):
+  """A configuration problem; the message names the key(s) and value(s)."""
+
+
+def load_module(path: str):
+  """Imports a config file by path (its directory goes on sys.path, so `import base` works)."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} does not exist')
+  directory = os.path.dirname(os.path.abspath(path))
+  parent = os.path.dirname(directory)
+  for p in (directory, parent):
+    if p not in sys.path:
+      sys.path.insert(0, p)
+  name = f'_cnnlab_config_{abs(hash(os.path.abspath(path)))}'
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path!r} defines no get_config()')
+  return module
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """`get_config()` of the file at `path`, locked, with `key=value` overrides applied."""
+  config = load_module(path).get_config()
+  config.lock()
+  for item in overrides:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ConfigError(f'override {item!r} must look like key=value (e.g. train.batch_size=64)')
+    set_value(config, key.strip(), parse_value(value))
+  return config
+
+
+def parse_value(text: str) -> Any:
+  """A Python literal if `text` is one ('5', '0.1', 'True', '(3, 5)', 'None'), else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  keys = []
+  for key, value in config.items():
+    keys.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      keys.extend(flat_keys(value, f'{prefix}{key}.'))
+  return keys
+
+
+def unknown_key_error(config: ml_collections.ConfigDict, key: str) -> ConfigError:
+  close = difflib.get_close_matches(key, flat_keys(config), n=3, cutoff=0.6)
+  hint = f' Did you mean {", ".join(map(repr, close))}?' if close else ''
+  return ConfigError(f'unknown config key {key!r}.{hint}')
+
+
+def get_value(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise unknown_key_error(config, key)
+    node = node[part]
+  return node
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """config[key] = value for a dotted key that must exist; the value must keep the key's type."""
+  *parents, leaf = key.split('.')
+  node = config
+  for part in parents:
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise unknown_key_error(config, key)
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise unknown_key_error(config, key)
+  if isinstance(node[leaf], ml_collections.ConfigDict):
+    raise ConfigError(f'{key!r} is a section, not a value; set one of its keys '
+                      f'({", ".join(sorted(node[leaf].keys()))})')
+  old = node[leaf]
+  if isinstance(old, tuple) and isinstance(value, (list, int, float, str)):
+    value = tuple(value) if isinstance(value, list) else (value,)
+  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  try:
+    with node.unlocked():
+      node[leaf] = value
+  except TypeError as e:
+    raise ConfigError(f'{key}={value!r}: expected {type(old).__name__}, like the default '
+                      f'{old!r} ({e})') from None
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """A config stored by `to_json` (tuples come back as tuples)."""
+  def tuples(v):
+    if isinstance(v, dict):
+      return {k: tuples(x) for k, x in v.items()}
+    return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+  return ml_collections.ConfigDict(tuples(json.loads(text)))
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The model's arguments: config.model minus the keys cnnlab itself reads."""
+  kwargs = {k: v for k, v in config.model.to_dict().items() if k not in ('name', 'imports')}
+  if kwargs.get('num_classes') is None:
+    kwargs.pop('num_classes', None)
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def validate(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Checks the whole config before anything compiles or any directory is written.
+
+  Raises ConfigError listing every problem (each naming its key). Returns facts derived on the
+  way ({'info': DatasetInfo, 'num_classes': int, 'num_devices': int}) so callers need not
+  recompute them.
+  """
+  import jax
+  from cnnlab import data, models
+  errors: list[str] = []
+
+  def check(ok: bool, message: str) -> None:
+    if not ok:
+      errors.append(message)
+
+  def choice(key: str, options) -> None:
+    value = get_value(config, key)
+    check(value in options, f'{key}={value!r}: expected one of {tuple(options)}')
+
+  check(isinstance(config.seed, int) and config.seed >= 0, f'seed={config.seed!r}: expected an int >= 0')
+  choice('dtype', DTYPES)
+  choice('optim.name', OPTIMIZERS)
+  choice('optim.schedule', SCHEDULES)
+  choice('parallel.strategy', STRATEGIES)
+  choice('train.on_nonfinite', ('halt', 'skip'))
+  choice('checkpoint.best_mode', ('max', 'min'))
+  choice('log.progress', ('auto', 'bar', 'plain', 'none'))
+  for key in ('train.batch_size', 'train.log_every_steps', 'checkpoint.keep',
+              'train.max_consecutive_skips'):
+    check(get_value(config, key) >= 1, f'{key}={get_value(config, key)!r}: expected a positive int')
+  for key in ('train.num_steps', 'train.eval_every_steps', 'train.eval_batch_size',
+              'checkpoint.every_steps', 'optim.weight_decay', 'optim.clip_norm',
+              'optim.warmup_epochs', 'train.label_smoothing', 'train.aux_loss_weight'):
+    check(get_value(config, key) >= 0, f'{key}={get_value(config, key)!r}: expected >= 0')
+  check(config.train.num_steps > 0 or config.train.num_epochs > 0,
+        f'train.num_epochs={config.train.num_epochs!r} and train.num_steps=0: nothing to train')
+  check(config.optim.learning_rate > 0, f'optim.learning_rate={config.optim.learning_rate!r}: expected > 0')
+  for key in ('optim.momentum', 'optim.ema_decay', 'train.label_smoothing'):
+    check(0 <= get_value(config, key) < 1, f'{key}={get_value(config, key)!r}: expected in [0, 1)')
+  check(all(0 < b < 1 for b in config.optim.boundaries) and list(config.optim.boundaries) ==
+        sorted(config.optim.boundaries),
+        f'optim.boundaries={config.optim.boundaries!r}: expected increasing fractions in (0, 1)')
+  check(0 < config.optim.peak_fraction < 1,
+        f'optim.peak_fraction={config.optim.peak_fraction!r}: expected in (0, 1)')
+  check(not (config.parallel.fsdp and config.parallel.strategy == 'pmap'),
+        'parallel.fsdp=True needs parallel.strategy=\'jit\'')
+
+  available = jax.device_count()
+  num_devices = config.parallel.num_devices or available
+  check(0 <= config.parallel.num_devices <= available,
+        f'parallel.num_devices={config.parallel.num_devices}: only {available} devices exist')
+  for key in ('train.batch_size', 'train.eval_batch_size'):
+    value = get_value(config, key)
+    check(value == 0 or value % num_devices == 0,
+          f'{key}={value} is not divisible by the {num_devices} devices')
+
+  info, num_classes = None, config.model.num_classes
+  try:
+    data.augment._check(config.data.augment)
+  except ValueError as e:
+    errors.append(str(e))
+  if config.data.name not in data.list_datasets():
+    errors.append(f'data.name={config.data.name!r}: unknown dataset; available: '
+                  f'{", ".join(data.list_datasets())}')
+  else:
+    try:
+      info = data.info(config.data.name, data_dir=config.data.data_dir,
+                       image_size=config.data.image_size, **data.builder_kwargs(config.data))
+    except ValueError as e:
+      errors.append(f'data.name={config.data.name!r}: {e}')
+  if info is not None:
+    for key in ('train_split', 'eval_split'):
+      split = config.data[key]
+      check(split in info.splits, f'data.{key}={split!r}: {info.name} has splits {sorted(info.splits)}')
+    if config.data.train_split in info.splits:
+      check(config.train.batch_size <= info.splits[config.data.train_split],
+            f'train.batch_size={config.train.batch_size} is larger than the '
+            f'{info.splits[config.data.train_split]} examples of {info.name}/{config.data.train_split}')
+    if num_classes is None:
+      num_classes = info.num_classes
+    check(num_classes == info.num_classes,
+          f'model.num_classes={config.model.num_classes} does not match {info.name}, which has '
+          f'{info.num_classes} classes')
+  try:
+    models.import_modules(config.model.imports)
+    models.create_model(config.model.name, **{**model_kwargs(config), 'num_classes': num_classes or 1})
+  except ValueError as e:
+    errors.append(f'model: {e}')
+  if errors:
+    raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))
+  return {'info': info, 'num_classes': num_classes, 'num_devices': num_devices}

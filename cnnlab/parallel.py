@@ -1,0 +1,188 @@
+"""Data parallelism, in one place: meshes, shardings, jit vs pmap, jax.distributed.
+
+'jit' (default): one `jax.jit` over a 1-D Mesh named 'data'. The batch is sharded on 'data', the
+  state replicated (or, with fsdp, each parameter and its optimizer state split over 'data' along
+  its largest divisible dimension), donated, and returned with the same shardings. XLA inserts the
+  gradient all-reduce; batch norm sees the global batch.
+'pmap': state replicated with a leading device axis under `jax.pmap(axis_name='data')`; the step
+  averages gradients with `lax.pmean` and the model its batch statistics (bn_axis_name='data').
+  Every device receives the global batch, augments it exactly as the jit path would, and keeps its
+  own slice, so both strategies compute the same thing.
+
+Multi-host runs use JAX's own runtime: `initialize_distributed()` calls `jax.distributed.initialize`
+(which reads SLURM / TPU-pod environments itself, or explicit coordinator arguments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = 'data'
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins a multi-process run. With no arguments, only when the environment describes one
+  (SLURM with several tasks, a TPU pod, or JAX_COORDINATOR_ADDRESS); a no-op otherwise."""
+  if jax.distributed.is_initialized():
+    return
+  if coordinator is None and num_processes is None:
+    in_slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
+    if not (in_slurm or 'JAX_COORDINATOR_ADDRESS' in os.environ or 'TPU_WORKER_HOSTNAMES' in os.environ):
+      return
+  if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def configure_cpu_devices(count: int = 0) -> bool:
+  """Splits the CPU backend into `count` devices (0: one per core) if JAX has not started yet.
+
+  Returns whether it took effect. On a GPU/TPU host this only shapes the (unused) CPU backend.
+  """
+  count = count or os.cpu_count() or 1
+  try:
+    jax.config.update('jax_num_cpu_devices', count)
+  except RuntimeError:  # backends already initialised (e.g. under tests): keep what exists
+    return False
+  return True
+
+
+@dataclasses.dataclass
+class Parallel:
+  """The device layout of a run and how its step is compiled."""
+  strategy: str
+  mesh: Mesh
+  fsdp: bool = False
+
+  @classmethod
+  def create(cls, strategy: str = 'jit', num_devices: int = 0, fsdp: bool = False) -> 'Parallel':
+    devices = jax.devices()
+    if num_devices:
+      if num_devices > len(devices):
+        raise ValueError(f'parallel.num_devices={num_devices} but only {len(devices)} devices exist')
+      devices = devices[:num_devices]
+    return cls(strategy, Mesh(np.asarray(devices), (AXIS,)), fsdp)
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.size
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(AXIS))
+
+  @property
+  def axis_name(self) -> str | None:
+    """The collective axis the step and batch norm name: only pmap needs one."""
+    return AXIS if self.strategy == 'pmap' else None
+
+  # ---- state ----
+
+  def state_shardings(self, state) -> Any:
+    """Per-leaf shardings: replicated, or FSDP (largest dim divisible by the device count)."""
+    def rule(x):
+      if not self.fsdp or np.ndim(x) == 0:
+        return self.replicated
+      dims = [d for d in np.argsort(np.shape(x))[::-1] if np.shape(x)[d] % self.num_devices == 0]
+      if not dims or np.size(x) < 2 ** 14:  # small leaves are not worth splitting
+        return self.replicated
+      spec = [None] * np.ndim(x)
+      spec[dims[0]] = AXIS
+      return NamedSharding(self.mesh, P(*spec))
+    return jax.tree.map(rule, state)
+
+  def stack_replicas(self, tree):
+    """pmap's layout: every leaf gets a leading axis of one copy per device, split over them."""
+    n, sharding = self.num_devices, NamedSharding(self.mesh, P(AXIS))
+    return jax.tree.map(lambda x: jax.device_put(jnp.broadcast_to(x, (n, *np.shape(x))), sharding), tree)
+
+  def place_state(self, state):
+    """Host/one-device state -> the layout the compiled step expects."""
+    if self.strategy == 'pmap':
+      return self.stack_replicas(state)
+    return jax.device_put(state, self.state_shardings(state))
+
+  def unreplicate(self, tree):
+    """The state as one logical copy (for checkpoints and evaluation helpers)."""
+    if self.strategy == 'pmap':
+      return jax.tree.map(lambda x: x[0], tree)
+    return tree
+
+  def place_replicated(self, tree):
+    """Arrays every device needs whole (the device pipeline's split, eval data)."""
+    return self.stack_replicas(tree) if self.strategy == 'pmap' else tree
+
+  # ---- steps ----
+
+  def compile_train(self, train_step: Callable, batch_fn: Callable | None, state, data) -> Callable:
+    """`run(state, data) -> (state, metrics)`: data is the device pipeline's arrays (batch drawn
+    inside the step by `batch_fn(arrays, step)`) or, with batch_fn None, a global batch."""
+    if self.strategy == 'pmap':
+      return self._pmap_train(train_step, batch_fn)
+    def run(state, data):
+      batch = data if batch_fn is None else batch_fn(data, state.step)
+      return train_step(state, batch)
+    data_sharding = jax.tree.map(lambda _: self.replicated if batch_fn else self.batch_sharding, data)
+    state_sharding = self.state_shardings(state)
+    return jax.jit(run, in_shardings=(state_sharding, data_sharding),
+                   out_shardings=(state_sharding, self.replicated), donate_argnums=0)
+
+  def _pmap_train(self, train_step: Callable, batch_fn: Callable | None) -> Callable:
+    n = self.num_devices
+
+    def run(state, data):
+      batch = data if batch_fn is None else batch_fn(data, state.step)
+      from cnnlab.train.step import preprocess  # the global batch, augmented as under jit
+      images, batch = preprocess(state, batch, train_step.settings)
+      index = lax.axis_index(AXIS)
+      local = lambda x: lax.dynamic_slice_in_dim(x, index * (x.shape[0] // n), x.shape[0] // n)
+      images, batch = local(images), jax.tree.map(local, batch)
+      return train_step.update(state, images, batch)
+
+    stepped = jax.pmap(run, axis_name=AXIS, donate_argnums=0)
+
+    def call(state, data):
+      if batch_fn is None:
+        data = self.stack_replicas(data)
+      new_state, metrics = stepped(state, data)
+      return new_state, jax.tree.map(lambda x: x[0], metrics)
+    return call
+
+  def compile_eval(self, eval_step: Callable, state) -> Callable:
+    """`run(state, batch) -> sums` over a global evaluation batch."""
+    if self.strategy == 'pmap':
+      n = self.num_devices
+      def run(state, batch):
+        index = lax.axis_index(AXIS)
+        local = lambda x: lax.dynamic_slice_in_dim(x, index * (x.shape[0] // n), x.shape[0] // n)
+        return eval_step(state, jax.tree.map(local, batch))
+      stepped = jax.pmap(run, axis_name=AXIS)
+      def call(state, batch):
+        batch = self.stack_replicas(batch)
+        return jax.tree.map(lambda x: x[0], stepped(state, batch))
+      return call
+    return jax.jit(eval_step, in_shardings=(self.state_shardings(state), self.batch_sharding),
+                   out_shardings=self.replicated)
+
+
+def fetch(tree) -> Any:
+  """Device scalars -> Python floats (one host sync for the whole tree)."""
+  return jax.tree.map(lambda x: np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x),
+                      jax.device_get(tree))
+
+
+__all__ = ['AXIS', 'Parallel', 'initialize_distributed', 'fetch']

@@ -1,0 +1,164 @@
+"""The pure training and evaluation steps.
+
+`make_train_step(settings)` returns `train_step(state, batch) -> (state, metrics)`; every
+hyperparameter is bound here, none is read from the config inside the step. The same function runs
+under `jax.jit` over a mesh and under `jax.pmap` (then `settings.axis_name` names the pmap axis and
+gradients are averaged with `lax.pmean`; batch-norm statistics are averaged by the model's own
+`bn_axis_name`).
+
+A batch is the data layer's dict: 'image' (B, H, W, C) uint8, 'label' (B,) int32, and optionally
+'label_mix'/'mix_weight' (mixup, cutmix), 'valid' (evaluation padding), 'index', 'epoch'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from cnnlab.data import augment
+from cnnlab.train.state import TrainState
+
+# fp16 dynamic loss scaling (what optax lacks): double after this many finite steps, halve on
+# overflow, never below 1.
+LOSS_SCALE_PERIOD = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  model: Any  # flax module
+  tx: optax.GradientTransformation
+  learning_rate: optax.Schedule
+  num_classes: int
+  mean: tuple[float, ...]  # per-channel input normalisation, 0..1 scale
+  std: tuple[float, ...]
+  augment: dict  # config.data.augment as a plain dict
+  compute_dtype: Any = jnp.float32
+  label_smoothing: float = 0.0
+  aux_loss_weight: float = 0.3
+  ema_decay: float = 0.0
+  dynamic_loss_scale: bool = False
+  axis_name: str | None = None  # pmap axis; None under jit
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
+                  smoothing: float = 0.0) -> jax.Array:
+  """(B,) softmax cross-entropy of (B, K) logits against integer labels, with label smoothing."""
+  targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if smoothing:
+    targets = optax.smooth_labels(targets, smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def classification_loss(logits, batch, settings: StepSettings) -> jax.Array:
+  """(B,) loss; mixed batches (mixup/cutmix) weigh the example's and its partner's labels."""
+  ce = lambda labels: cross_entropy(logits, labels, settings.num_classes, settings.label_smoothing)
+  if 'label_mix' in batch:
+    w = batch['mix_weight']
+    return w * ce(batch['label']) + (1.0 - w) * ce(batch['label_mix'])
+  return ce(batch['label'])
+
+
+def aux_logits(intermediates) -> list[jax.Array]:
+  """Auxiliary heads' logits: the top-level intermediates named 'aux*_logits' (GoogLeNet's)."""
+  return [v[0] for k, v in sorted(intermediates.items())
+          if k.startswith('aux') and k.endswith('_logits')]
+
+
+def preprocess(state: TrainState, batch: dict, settings: StepSettings) -> tuple[jax.Array, dict]:
+  """Augments the (global) batch with this step's key and normalises it: (images, batch)."""
+  aug_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
+  batch = augment.apply(settings.augment, aug_key, batch)
+  images = augment.normalize(batch['image'], settings.mean, settings.std, settings.compute_dtype)
+  return images, batch
+
+
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(settings: StepSettings) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """train_step(state, batch) -> (state, metrics) for a batch of raw (uint8) images."""
+  model, tx = settings.model, settings.tx
+
+  def update(state: TrainState, images: jax.Array, batch: dict):
+    dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+
+    def loss_fn(params):
+      variables = {'params': params, **({'batch_stats': state.batch_stats} if state.batch_stats else {})}
+      logits, updates = model.apply(variables, images, train=True, rngs={'dropout': dropout_key},
+                                    mutable=['batch_stats', 'intermediates'])
+      loss = jnp.mean(classification_loss(logits, batch, settings))
+      for aux in aux_logits(updates.get('intermediates', {})):
+        loss = loss + settings.aux_loss_weight * jnp.mean(classification_loss(aux, batch, settings))
+      return loss * state.loss_scale, (loss, logits, updates.get('batch_stats', {}))
+
+    grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    correct = jnp.mean((jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32))
+    if settings.axis_name:
+      grads, loss, correct = lax.pmean((grads, loss, correct), settings.axis_name)
+    grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
+    finite_grads = all_finite(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # The update itself must be finite too (an overflowing step or learning rate counts).
+    finite = finite_grads & jnp.isfinite(loss) & all_finite(params)
+    ema = state.ema_params
+    if ema is not None:
+      ema = optax.incremental_update(params, ema, step_size=1.0 - settings.ema_decay)
+    # A non-finite update is never applied: everything but the step (the data position) stays.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    scale, good = state.loss_scale, state.good_steps
+    if settings.dynamic_loss_scale:
+      grow = finite & (good + 1 >= LOSS_SCALE_PERIOD)
+      scale = jnp.where(finite, jnp.where(grow, scale * 2.0, scale), jnp.maximum(scale / 2.0, 1.0))
+      good = jnp.where(finite & ~grow, good + 1, 0)
+    # An fp16 overflow (finite loss, infinite gradients) is the loss scaler's business, not a fault.
+    overflow = ~finite_grads & jnp.isfinite(loss) & settings.dynamic_loss_scale
+    fault = ~finite & ~overflow
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params),
+        batch_stats=keep(batch_stats, state.batch_stats), opt_state=keep(opt_state, state.opt_state),
+        ema_params=None if ema is None else keep(ema, state.ema_params),
+        loss_scale=scale, good_steps=good, skips=jnp.where(fault, state.skips + 1, 0))
+    metrics = {'loss': loss, 'accuracy': correct, 'learning_rate': settings.learning_rate(state.step),
+               'grad_norm': optax.tree.norm(grads), 'nonfinite': fault.astype(jnp.int32),
+               'skips': new_state.skips}
+    if settings.dynamic_loss_scale:
+      metrics['loss_scale'] = scale
+    return new_state, metrics
+
+  def train_step(state: TrainState, batch: dict):
+    images, batch = preprocess(state, batch, settings)
+    return update(state, images, batch)
+
+  train_step.update = update  # pmap slices the preprocessed global batch before updating
+  train_step.settings = settings
+  return train_step
+
+
+def make_eval_step(settings: StepSettings) -> Callable[[TrainState, dict], dict]:
+  """eval_step(state, batch) -> sums {'loss', 'correct', 'count'} over the batch's valid rows.
+
+  Sums (not means) so that batches of any padding combine exactly; `loss` is the plain
+  cross-entropy (no smoothing). Uses the EMA parameters when the state has them.
+  """
+  model = settings.model
+
+  def eval_step(state: TrainState, batch: dict) -> dict:
+    images = augment.normalize(batch['image'], settings.mean, settings.std, settings.compute_dtype)
+    logits = model.apply(state.variables, images, train=False)
+    valid = batch['valid'].astype(jnp.float32) if 'valid' in batch else jnp.ones(logits.shape[:1])
+    loss = cross_entropy(logits, batch['label'], settings.num_classes)
+    sums = {'loss': jnp.sum(loss * valid),
+            'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32) * valid),
+            'count': jnp.sum(valid)}
+    if settings.axis_name:
+      sums = lax.psum(sums, settings.axis_name)
+    return sums
+
+  return eval_step

@@ -1,0 +1,175 @@
+"""The training engine: configs and their errors, end-to-end runs, outputs, determinism, the
+non-finite policy, and equivalence of the parallel strategies on the 8 simulated CPU devices."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cnnlab
+from cnnlab import cli, config as config_lib, data
+from cnnlab.train import loop, step as step_lib
+from cnnlab.train.logging import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(ROOT, 'experiments')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('datasets'))
+
+
+def make_config(experiment='quickstart', data_dir=None, **overrides):
+  """The experiment's config with dotted-key overrides (`train__batch_size=16` style keys)."""
+  config = config_lib.load(os.path.join(EXPERIMENTS, f'{experiment}.py'))
+  if data_dir:
+    config_lib.set_value(config, 'data.data_dir', data_dir)
+  config_lib.set_value(config, 'log.progress', 'none')
+  config_lib.set_value(config, 'compilation_cache_dir', '')
+  for key, value in overrides.items():
+    config_lib.set_value(config, key.replace('__', '.'), value)
+  return config
+
+
+def tiny(data_dir, **overrides):
+  """conv_stack on the 8x8 digits: seconds to compile, for engine behaviour tests."""
+  base = dict(model__filters=(8, 16), model__pool='max', data__name='digits',
+              train__batch_size=32, train__num_steps=4, train__log_every_steps=1,
+              train__eval_every_steps=2, optim__learning_rate=0.05, optim__schedule='constant',
+              data__augment__translate=1)
+  return make_config('quickstart', data_dir, **{**base, **overrides})
+
+
+def train_losses(workdir):
+  return [r['loss'] for r in read_metrics(workdir) if r['kind'] == 'train']
+
+
+# ---- configs ----
+
+def test_misspelt_override_fails_with_suggestion():
+  path = os.path.join(EXPERIMENTS, 'quickstart.py')
+  with pytest.raises(config_lib.ConfigError, match="unknown config key 'train.batch_sise'.*'train.batch_size'"):
+    config_lib.load(path, ['train.batch_sise=64'])
+  with pytest.raises(config_lib.ConfigError, match='train.batch_size=.abc.*expected int'):
+    config_lib.load(path, ['train.batch_size=abc'])
+  with pytest.raises(config_lib.ConfigError, match="'optim' is a section"):
+    config_lib.load(path, ['optim=sgd'])
+  config = config_lib.load(path, ['model.filters=(16, 32)', 'optim.learning_rate=1'])
+  assert config.model.filters == (16, 32) and config.optim.learning_rate == 1.0
+
+
+def test_validation_lists_every_problem_at_once(data_dir):
+  config = make_config('quickstart', data_dir, train__batch_size=12, optim__name='sgdd',
+                       model__name='resnet19', optim__momentum=1.5)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  message = str(e.value)
+  for needle in ('train.batch_size=12 is not divisible by the 8 devices', "optim.name='sgdd'",
+                 "unknown model 'resnet19'", 'optim.momentum=1.5'):
+    assert needle in message
+
+
+def test_validation_of_dataset_and_classes(data_dir):
+  with pytest.raises(config_lib.ConfigError, match="data.name='mnist6k': unknown dataset.*mnist5k"):
+    config_lib.validate(make_config('quickstart', data_dir, data__name='mnist6k'))
+  with pytest.raises(config_lib.ConfigError, match='model.num_classes=5 does not match mnist5k, which has 10'):
+    config_lib.validate(make_config('quickstart', data_dir, model__num_classes=5))
+  with pytest.raises(config_lib.ConfigError, match="model: model 'conv_stack' has no argument 'kernel'"):
+    config = make_config('quickstart', data_dir)
+    with config.model.unlocked():
+      config.model.kernel = 3
+    config_lib.validate(config)
+
+
+def test_cli_rejects_a_bad_config_before_writing_anything(tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  code = cli.main(['train', '--config', os.path.join(EXPERIMENTS, 'quickstart.py'),
+                   '--workdir', str(workdir), '--config.train.batch_sise=3'])
+  assert code == 2 and not workdir.exists()
+  assert "Did you mean 'train.batch_size'" in capsys.readouterr().err
+
+
+# ---- end to end ----
+
+def test_run_writes_its_outputs_and_is_deterministic(tmp_path, data_dir):
+  config = tiny(data_dir)
+  summary = loop.train_and_evaluate(config, str(tmp_path / 'a'))
+  for key in ('final_eval', 'best_eval', 'num_params', 'compile_time_s', 'wall_time_s'):
+    assert summary[key] is not None
+  assert set(summary['final_eval']) >= {'accuracy', 'loss'}
+  assert json.load(open(tmp_path / 'a' / 'summary.json'))['num_params'] == summary['num_params']
+  records = read_metrics(str(tmp_path / 'a'))
+  train = [r for r in records if r['kind'] == 'train']
+  evals = [r for r in records if r['kind'] == 'eval']
+  assert [r['step'] for r in train] == [1, 2, 3, 4] and [r['step'] for r in evals] == [2, 4]
+  for key in ('loss', 'accuracy', 'learning_rate', 'images_per_sec', 'step_time_s'):
+    assert all(np.isfinite(r[key]) for r in train), key
+  assert os.listdir(tmp_path / 'a' / 'tensorboard')
+  assert config_lib.from_json(open(tmp_path / 'a' / 'config.json').read()).model.filters == (8, 16)
+  # Same seed, same numbers; another seed, other numbers.
+  loop.train_and_evaluate(tiny(data_dir), str(tmp_path / 'b'))
+  assert train_losses(str(tmp_path / 'a')) == train_losses(str(tmp_path / 'b'))
+  loop.train_and_evaluate(tiny(data_dir, seed=1), str(tmp_path / 'c'))
+  assert train_losses(str(tmp_path / 'a')) != train_losses(str(tmp_path / 'c'))
+
+
+def test_load_run_predicts_like_the_evaluation(tmp_path, data_dir):
+  summary = loop.train_and_evaluate(tiny(data_dir), str(tmp_path))
+  run = cnnlab.load_run(str(tmp_path))
+  assert run.step == 4 and run.config.model.filters == (8, 16)
+  source = data.load('digits', 'test', data_dir=data_dir)
+  images = np.stack([source[i]['image'] for i in range(len(source))])
+  labels = np.array([source[i]['label'] for i in range(len(source))])
+  accuracy = float(np.mean(np.argmax(run.predict(images), -1) == labels))
+  assert accuracy == pytest.approx(summary['final_eval']['accuracy'], abs=1e-6)
+
+
+# ---- parallel strategies ----
+
+@pytest.mark.parametrize('strategy,devices,fsdp', [('jit', 8, False), ('pmap', 8, False),
+                                                   ('jit', 8, True)])
+def test_parallel_strategies_match_one_device(tmp_path, data_dir, strategy, devices, fsdp):
+  """Same global batch -> same losses and parameters as one device (batch norm on the global
+  batch, augmentation drawn per example as on one device)."""
+  one = tiny(data_dir, parallel__num_devices=1)
+  loop.train_and_evaluate(one, str(tmp_path / 'one'))
+  many = tiny(data_dir, parallel__num_devices=devices, parallel__strategy=strategy,
+              parallel__fsdp=fsdp)
+  loop.train_and_evaluate(many, str(tmp_path / 'many'))
+  np.testing.assert_allclose(train_losses(str(tmp_path / 'many')), train_losses(str(tmp_path / 'one')),
+                             rtol=2e-5)
+  a, b = cnnlab.load_run(str(tmp_path / 'one')), cnnlab.load_run(str(tmp_path / 'many'))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5),
+               a.variables, b.variables)
+
+
+# ---- non-finite policy ----
+
+def test_nonfinite_update_is_never_applied(data_dir):
+  run = loop.setup(tiny(data_dir, parallel__num_devices=1))
+  train_step = jax.jit(step_lib.make_train_step(run.settings))
+  state = run.initial_state()
+  good = run.train_data.batch(0)
+  poisoned = {**good, 'image': good['image'].astype(jnp.float32).at[0, 0, 0, 0].set(jnp.nan)}
+  after, metrics = train_step(state, poisoned)
+  assert int(metrics['nonfinite']) == 1 and int(after.skips) == 1 and int(after.step) == 1
+  for old, new in ((state.params, after.params), (state.opt_state, after.opt_state),
+                   (state.batch_stats, after.batch_stats)):
+    jax.tree.map(np.testing.assert_array_equal, old, new)
+  again, metrics = train_step(after, good)
+  assert int(metrics['nonfinite']) == 0 and int(again.skips) == 0
+  assert not np.array_equal(again.params['head']['kernel'], after.params['head']['kernel'])
+
+
+def test_nonfinite_policy_halts_with_the_step_range(tmp_path, data_dir):
+  with pytest.raises(loop.NonFiniteError, match=r'steps 1\.\.2'):
+    loop.train_and_evaluate(tiny(data_dir, optim__learning_rate=float('inf'),
+                                 train__log_every_steps=2), str(tmp_path / 'halt'))
+  with pytest.raises(loop.NonFiniteError, match=r'3 consecutive non-finite steps'):
+    loop.train_and_evaluate(tiny(data_dir, optim__learning_rate=float('inf'),
+                                 train__on_nonfinite='skip', train__max_consecutive_skips=3,
+                                 train__num_steps=6), str(tmp_path / 'skip'))
