@@ -38,8 +38,9 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     in_slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
     if not (in_slurm or 'JAX_COORDINATOR_ADDRESS' in os.environ or 'TPU_WORKER_HOSTNAMES' in os.environ):
       return
-  if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Cross-process collectives of the CPU backend (harmless for GPU/TPU, which bring their own).
+  # Asking for the backend here would initialise it, which initialize() must precede.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                              process_id=process_id)
 

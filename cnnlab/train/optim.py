@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 
 def schedule(c: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
-  """Learning rate per step. Warmup (linear from 0) is part of constant/cosine/piecewise."""
+  """Learning rate per step (float32). Warmup (linear from 0) is part of constant/cosine/piecewise."""
+  inner = _schedule(c, total_steps, steps_per_epoch)
+
+  def learning_rate(count):
+    # optax's piecewise schedules mix bool and float arrays (see standard_promotion).
+    with jax.numpy_dtype_promotion('standard'):
+      return jnp.asarray(inner(count), jnp.float32)
+  return learning_rate
+
+
+def _schedule(c: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
   lr = c.learning_rate
   total_steps = max(total_steps, 1)
   warmup = min(int(round(c.warmup_epochs * steps_per_epoch)), total_steps - 1) if c.warmup_epochs else 0
@@ -57,4 +68,18 @@ def optimizer(c: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Gradien
                             mask=decay_mask))
   else:
     raise ValueError(f'optim.name: unknown optimizer {c.name!r}')
-  return optax.chain(*parts)
+  return standard_promotion(optax.chain(*parts))
+
+
+def standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Runs optax under JAX's standard dtype promotion: some of its transforms mix Python floats,
+  bools and int32 counts, which the strict mode our tests use (to keep our own code honest)
+  refuses."""
+  def init(params):
+    with jax.numpy_dtype_promotion('standard'):
+      return tx.init(params)
+
+  def update(updates, state, params=None):
+    with jax.numpy_dtype_promotion('standard'):
+      return tx.update(updates, state, params)
+  return optax.GradientTransformation(init, update)
