@@ -250,7 +250,15 @@ class Summary:
     return '\n'.join([f'{self.model} on {"x".join(map(str, self.input_shape))}', rule, line(head),
                       rule, *map(line, rows), rule,
                       f'total params: {self.total_params:,}   MACs/example: {self.total_macs:,} '
-                      f'({self.total_macs / 1e9:.3f} G)   receptive field: {rf}'])
+                      f'({_si(self.total_macs)})   receptive field: {rf}'])
+
+
+def _si(v: float) -> str:
+  """427,320 -> '427.3 K', 1,814,073,344 -> '1.814 G'."""
+  for unit, scale in (('G', 1e9), ('M', 1e6), ('K', 1e3)):
+    if v >= scale:
+      return f'{v / scale:.4g} {unit}'
+  return str(v)
 
 
 def _num(v: float) -> str:

@@ -1,60 +1,291 @@
-"""Checkpoints with Orbax: WORKDIR/checkpoints/<step>/, asynchronous saves, restore onto any layout.
+"""Checkpoints with Orbax: WORKDIR/checkpoints/<step>/, async saves, exact resume, preemption.
 
-The TrainState is saved as a plain pytree of arrays (StandardSave): no pickle anywhere, so
-restoring executes no code. Restores go to an abstract target (shapes, dtypes, shardings), which
-is what lets a checkpoint written under one device count load under another.
+A step directory holds three items, written by Orbax into `<step>.orbax-checkpoint-tmp-*` and
+renamed to `<step>` only once every file is written (the rename is the commit, so a directory named
+by its step is complete; anything else is a partial save, ignored and removed at the next start):
+  state/    the TrainState as a pytree of arrays (StandardSave: tensorstore/OCDBT data + JSON
+            metadata). No pickle anywhere, so restoring executes no code; restores go to an abstract
+            target (shapes, dtypes, shardings), which is what lets a checkpoint written under one
+            device count or strategy load under another.
+  loop/     JSON: what the loop needs to continue bit for bit: the per-step train metrics since the
+            last metrics.jsonl line (as raw bits) and the evaluations so far.
+  metrics/  JSON: the evaluation of exactly this state, when the step had one (ranks the best).
+
+Retention keeps the last `checkpoint.keep` checkpoints plus the best by `checkpoint.best_metric`
+among those that carry an evaluation; the loop saves at every evaluation that improves the best,
+so the best evaluated state is always on disk. Metrics live in the step directories, so retention
+is right after a restart. Deletion is a rename into checkpoints/.deleted/ (emptied at the next
+save): a kill mid-deletion cannot leave a half-deleted step that looks committed.
+
+Preemption (cnnlab.train.resume.PreemptionWatch): SIGTERM -> the loop finishes the step, saves,
+waits for the write and raises `Preempted`, a SystemExit with code EXIT_PREEMPTED = 75
+(EX_TEMPFAIL) so launchers requeue; the next launch resumes. A failed asynchronous write raises
+CheckpointWriteError at the next save or at the end; the previous committed checkpoint is untouched.
+Loading (restore, load_run) refuses symlinks, paths leaving the workdir and pickle-like files.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
+from cnnlab import config as config_lib
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later"; launchers requeue on it
+COMMIT_FILE = 'commit_success.txt'  # Orbax writes it last, before the rename that commits a step
+TMP_MARKER = '.orbax-checkpoint-tmp'
+DELETED_DIR = '.deleted'
+ITEMS = ('state', 'loop')
+
+
+class Preempted(SystemExit):
+  """SIGTERM was honoured: the state at `step` is committed. Exits the process with
+  EXIT_PREEMPTED (75) unless caught; relaunching the same command resumes."""
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(EXIT_PREEMPTED)
+    self.step, self.workdir = step, workdir
+
+  def __str__(self) -> str:
+    return (f'preempted: checkpoint at step {self.step} committed in {self.workdir}; '
+            f'relaunch the same command to resume (exit code {EXIT_PREEMPTED})')
+
+
+class CheckpointWriteError(RuntimeError):
+  """An (asynchronous) checkpoint write failed; earlier committed checkpoints are intact."""
+
+
+class UnsafeCheckpointError(ValueError):
+  """A checkpoint or path that loading refuses: a symlink, a path leaving the workdir, or a
+  file that could execute code when read (pickle)."""
+
+
+# ---- paths ----
+
+def safe_join(root: str, *parts: str) -> str:
+  """root/parts..., refusing parts that would leave `root`: absolute paths, '..', empty or NUL
+  names, and symlinks whose target lies outside `root`. Use it for any path built from a run
+  name or config value."""
+  for part in parts:
+    part = str(part)
+    pieces = part.replace('\\', '/').split('/')
+    if not part or '\0' in part or os.path.isabs(part) or '..' in pieces:
+      raise UnsafeCheckpointError(f'path component {part!r} would leave {root!r}')
+  path = os.path.join(root, *map(str, parts))
+  real_root, real = os.path.realpath(root), os.path.realpath(path)
+  if os.path.commonpath([real_root, real]) != real_root:
+    raise UnsafeCheckpointError(f'{path!r} resolves to {real!r}, outside {real_root!r} '
+                                '(a symlink?)')
+  return path
+
+
+_PICKLE_SUFFIXES = ('.pkl', '.pickle', '.npy', '.npz', '.pt', '.pth', '.joblib')
+
+
+def verify_step_dir(path: str) -> None:
+  """Refuses a step directory holding a symlink or anything pickle-like (by name, or by the
+  pickle protocol header) before Orbax opens it. Orbax itself reads only JSON and tensorstore
+  data for the items cnnlab writes; this check is the belt to those braces."""
+  if os.path.islink(path):
+    raise UnsafeCheckpointError(f'{path} is a symlink; checkpoints must be real directories')
+  for folder, dirs, files in os.walk(path):
+    for name in dirs + files:
+      full = os.path.join(folder, name)
+      if os.path.islink(full):
+        raise UnsafeCheckpointError(f'{full} is a symlink; refusing to load the checkpoint')
+    for name in files:
+      full = os.path.join(folder, name)
+      with open(full, 'rb') as f:
+        head = f.read(2)
+      pickle_header = len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # PROTO opcode
+      if name.endswith(_PICKLE_SUFFIXES) or pickle_header:
+        raise UnsafeCheckpointError(
+            f'{full} looks like a pickle; cnnlab checkpoints hold only arrays and JSON, and '
+            'loading never unpickles (it could run arbitrary code). Refusing to load.')
+
+
+def _is_committed(directory: str, name: str) -> bool:
+  # A symlinked step counts here, so that restoring it is refused loudly (verify_step_dir).
+  path = os.path.join(directory, name)
+  return name.isdigit() and os.path.isdir(path) and os.path.isfile(os.path.join(path, COMMIT_FILE))
+
+
+def atomic_write(path: str, text: str) -> None:
+  """Writes a file so that a reader (or a restart after a kill) sees the old or the new content,
+  never a torn one."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def clean_partial_saves(directory: str) -> list[str]:
+  """Removes what a killed process leaves in a checkpoints directory: temporary step directories,
+  step directories without their commit file, and the deletion area. Returns the removed names."""
+  removed = []
+  if not os.path.isdir(directory):
+    return removed
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    uncommitted = name.isdigit() and not _is_committed(directory, name)
+    if TMP_MARKER in name or name == DELETED_DIR or uncommitted:
+      if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+      else:
+        shutil.rmtree(path)
+      removed.append(name)
+  return removed
+
+
+# ---- the manager ----
 
 class Checkpointer:
-  """Saving and restoring one run's TrainState."""
+  """Saving and restoring one run's TrainState (and the loop's JSON record) in WORKDIR/checkpoints.
+
+  Writers (read_only=False) first remove partial saves left by a killed process. Every listing
+  only counts committed steps.
+  """
 
   def __init__(self, workdir: str, *, keep: int = 2, best_metric: str | None = None,
                best_mode: str = 'max', read_only: bool = False):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-    best_fn = (lambda metrics: metrics[best_metric]) if best_metric else None
+    self.directory = os.path.abspath(safe_join(workdir, 'checkpoints'))
+    self.best_metric, self.best_mode, self.read_only = best_metric or None, best_mode, read_only
+    self._failed, self._writing = False, None  # _writing: the step of the save in flight
+    self.removed: list[str] = []  # partial saves this writer found and removed
+    if not read_only and jax.process_index() == 0:
+      self.removed = clean_partial_saves(self.directory)
+    preserve = [policies.LatestN(n=keep)]
+    best_fn = None
+    if self.best_metric:
+      best_fn = lambda metrics: metrics[self.best_metric]  # noqa: E731
+      preserve.append(policies.BestN(get_metric_fn=best_fn, reverse=best_mode == 'min', n=1,
+                                     keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, best_fn=best_fn, best_mode=best_mode,
-        keep_checkpoints_without_metrics=True, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+        preservation_policy=policies.AnyPreservationPolicy(preserve), best_fn=best_fn,
+        best_mode=best_mode, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=True, todelete_subdir=None if read_only else DELETED_DIR)
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'loop': ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS,
+                                         item_handlers=handlers, options=options)
+
+  # -- listing --
+
+  def all_steps(self) -> list[int]:
+    """Committed steps, ascending (read from the directory: the truth after a failed save)."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(n) for n in os.listdir(self.directory) if _is_committed(self.directory, n))
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def metrics(self, step: int) -> dict | None:
+    """The evaluation saved with `step` (None when the step had none)."""
+    return self.manager.metrics(step)
 
   def best_step(self) -> int | None:
-    return self.manager.best_step()
+    """The committed step with the best `best_metric` among those with an evaluation (the later
+    one on ties); None when none has one."""
+    if not self.best_metric:
+      return None
+    scored = [(m[self.best_metric], s) for s in self.all_steps()
+              if (m := self.metrics(s)) is not None and self.best_metric in m]
+    if not scored:
+      return None
+    sign = 1 if self.best_mode == 'max' else -1
+    return max(scored, key=lambda vs: (sign * vs[0], vs[1]))[1]
 
-  def save(self, step: int, state, metrics: dict | None = None, force: bool = False) -> None:
-    self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force)
+  # -- saving --
 
-  def restore(self, target, step: int | None = None):
-    """The state saved at `step` (default: latest), laid out like `target` (arrays or
-    jax.ShapeDtypeStruct with shardings)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  def save(self, step: int, state, *, loop: dict | None = None,
+           metrics: dict | None = None) -> None:
+    """Starts an asynchronous save of `state` at `step` (returns once the arrays are copied off the
+    device). Raises CheckpointWriteError if a previous asynchronous write failed."""
+    self.wait()  # surfaces the previous write's error before anything else is written
+    if step in self.all_steps():
+      return
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              loop=ocp.args.JsonSave(loop or {}))
+    self._writing = step
+    try:
+      self.manager.save(step, args=args, metrics=metrics, force=True)
+    except Exception as e:
+      self._failed = True
+      raise CheckpointWriteError(self._write_message(e)) from e
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the pending write is committed; raises CheckpointWriteError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      self._failed = True
+      raise CheckpointWriteError(self._write_message(e)) from e
+    self._writing = None
+    if not self.read_only and jax.process_index() == 0:  # what retention renamed away
+      shutil.rmtree(os.path.join(self.directory, DELETED_DIR), ignore_errors=True)
+
+  def _write_message(self, error: BaseException) -> str:
+    latest = self.latest_step()
+    what = 'a save' if self._writing is None else f'step {self._writing}'
+    kept = (f'the last committed checkpoint, step {latest}, is intact' if latest is not None
+            else 'no checkpoint was committed')
+    return f'writing checkpoint ({what}) into {self.directory} failed: {error!r}; {kept}'
+
+  # -- restoring --
+
+  def restore(self, target, step: int | None = None) -> tuple[Any, dict]:
+    """(state, loop record) saved at `step` (default: latest), laid out like `target` (arrays or
+    jax.ShapeDtypeStruct with shardings): any device count or strategy."""
+    step = self._check_step(step)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
+    return restored['state'], restored['loop']
+
+  def restore_arrays(self, step: int | None = None) -> dict:
+    """The saved state as nested dicts of arrays on the first local device, shaped from the
+    checkpoint's own metadata (no model or optimizer needed; any saved layout)."""
+    step = self._check_step(step)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = self.manager.item_metadata(step)['state']
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            metadata)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+    return restored['state']
+
+  def _check_step(self, step: int | None) -> int:
+    steps = self.all_steps()
+    step = (steps[-1] if steps else None) if step is None else int(step)
+    if step is None:
+      raise FileNotFoundError(f'no committed checkpoint in {self.directory}')
+    if step not in steps:
+      raise FileNotFoundError(f'no committed checkpoint for step {step} in {self.directory} '
+                              f'(committed: {steps})')
+    verify_step_dir(safe_join(self.directory, str(step)))
+    return step
 
   def close(self) -> None:
-    self.manager.close()
+    """Waits for the pending write (raising its error, unless one was already raised)."""
+    try:
+      if not self._failed:
+        self.wait()
+      self.manager.close()
+    except Exception as e:
+      if not self._failed:
+        self._failed = True
+        raise CheckpointWriteError(self._write_message(e)) from e
 
 
-def abstract_like(tree) -> Any:
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
+# ---- load_run ----
 
 class LoadedRun:
   """A run's `config`, `model` and `variables` (from its latest or best checkpoint), ready for
@@ -77,9 +308,9 @@ class LoadedRun:
 def load_run(workdir: str, step: int | str | None = None) -> LoadedRun:
   """The model of the run in `workdir` at `step`: None = latest checkpoint, 'best' = best by
   `checkpoint.best_metric`, or a step number. Restores plain arrays: no code runs."""
-  from cnnlab import config as config_lib, data
+  from cnnlab import data
   from cnnlab.train.loop import build_model
-  path = os.path.join(workdir, 'config.json')
+  path = safe_join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{workdir!r} holds no config.json: not a cnnlab run directory')
   with open(path, encoding='utf-8') as f:
@@ -87,14 +318,16 @@ def load_run(workdir: str, step: int | str | None = None) -> LoadedRun:
   info = data.info(config.data.name, data_dir=config.data.data_dir,
                    image_size=config.data.image_size, **data.builder_kwargs(config.data))
   model = build_model(config, config.model.num_classes or info.num_classes)
-  ckpt = Checkpointer(workdir, read_only=True)
+  ckpt = Checkpointer(workdir, best_metric=config.checkpoint.best_metric,
+                      best_mode=config.checkpoint.best_mode, read_only=True)
   try:
     if step == 'best':
       step = ckpt.best_step()
+      if step is None:
+        raise FileNotFoundError(f'no checkpoint in {ckpt.directory} carries an evaluation of '
+                                f'{config.checkpoint.best_metric!r}')
     step = ckpt.latest_step() if step is None else int(step)
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {ckpt.directory}')
-    restored = ckpt.manager.restore(step, args=ocp.args.StandardRestore())
+    restored = ckpt.restore_arrays(step)
   finally:
     ckpt.close()
   params = restored.get('ema_params') or restored['params']

@@ -68,8 +68,10 @@ def _split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def _train(args: argparse.Namespace) -> int:
   from cnnlab import config as config_lib, parallel
   config = config_lib.load(args.config, args.overrides)
-  if 'XLA_FLAGS' not in os.environ or 'device_count' not in os.environ['XLA_FLAGS']:
+  if 'device_count' not in os.environ.get('XLA_FLAGS', ''):
     parallel.configure_cpu_devices(config.parallel.cpu_devices)
+  else:  # the caller split the CPU itself (tests, launchers)
+    parallel.patient_cpu_collectives()
   parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   from cnnlab.train.loop import train_and_evaluate
   summary = train_and_evaluate(config, args.workdir)
@@ -84,6 +86,28 @@ def _prepare(args: argparse.Namespace) -> int:
   from cnnlab import data
   path = data.prepare(args.name, args.data_dir)
   print(f'{args.name} is ready in {path}')
+  return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+  from cnnlab import sweep, sweep_runner
+  points = sweep.plan(args.config, args.root, args.overrides)
+  if args.index is not None:
+    points = sweep.select(points, args.index)
+  if args.count or args.dry_run:
+    print(len(points) if args.count else sweep.describe(points, args.config, args.root, args.overrides))
+    return 0
+  argv = ['sweep', '--config', args.config, '--root', args.root, '--workers', str(args.workers),
+          *(['--index', args.index] if args.index else []), *(f'--config.{o}' for o in args.overrides)]
+  outcomes = sweep_runner.run(points, args.root, workers=args.workers, argv=argv)
+  return sweep_runner.conclude(outcomes, args.root)
+
+
+def _report(args: argparse.Namespace) -> int:
+  from cnnlab import report
+  paths = report.write(args.root, plots=not args.no_plots)
+  print(open(paths['markdown'], encoding='utf-8').read())
+  print(f'wrote {paths["csv"]}, {paths["markdown"]} and {len(paths["plots"])} plots')
   return 0
 
 
@@ -109,6 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--process-id', type=int, help='multi-process: this process\'s index')
   p.set_defaults(func=_train)
 
+  p = sub.add_parser('sweep', help='run every point of a config\'s get_sweep() under one root',
+                     epilog='--config.KEY=VALUE overrides apply to every point. Finished runs are '
+                     'skipped, interrupted ones resumed, failed ones recorded (exit 1 at the end).')
+  p.add_argument('--config', required=True, help='an experiment file defining get_config() and get_sweep()')
+  p.add_argument('--root', required=True, help='directory holding one run directory per point')
+  p.add_argument('--workers', type=int, default=1,
+                 help='runs at once, each pinned to its share of the cores (default 1)')
+  p.add_argument('--dry-run', action='store_true', help='print the points and their directories')
+  p.add_argument('--index', help='run only these points: 3, 0,5,7 or 2-4 (SLURM array tasks)')
+  p.add_argument('--count', action='store_true', help='print the number of points and exit')
+  p.set_defaults(func=_sweep)
+
+  p = sub.add_parser('report', help='results.csv, report.md and plots of a sweep root')
+  p.add_argument('root', help='the --root of `cnnlab sweep` (or any directory of run directories)')
+  p.add_argument('--no-plots', action='store_true', help='only the table')
+  p.set_defaults(func=_report)
+
   p = sub.add_parser('prepare', help='download/generate a dataset into the data directory')
   p.add_argument('name', help='dataset name (see cnnlab.data.list_datasets())')
   p.add_argument('--data-dir', help='default: $CNNLAB_DATA_DIR, $TFDS_DATA_DIR or ~/.cache/cnnlab/datasets')
@@ -123,8 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv, overrides = _split_config_overrides(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(argv)
   args.overrides = overrides
-  if overrides and args.command != 'train':
-    build_parser().error(f'--config.* overrides apply to train only, got {overrides}')
+  if overrides and args.command not in ('train', 'sweep'):
+    build_parser().error(f'--config.* overrides apply to train and sweep only, got {overrides}')
   try:
     return args.func(args)
   except ValueError as e:  # bad input: a clear message, no traceback

@@ -104,8 +104,17 @@ def set_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     raise ConfigError(f'{key!r} is a section, not a value; set one of its keys '
                       f'({", ".join(sorted(node[leaf].keys()))})')
   old = node[leaf]
-  if isinstance(old, tuple) and isinstance(value, (list, int, float, str)):
-    value = tuple(value) if isinstance(value, list) else (value,)
+  if isinstance(value, list):
+    value = tuple(value)
+  if parents == ['model'] and leaf not in ('name', 'imports') and old is not None:
+    # A model argument is typed by the model, which checks it when it is built: one value for
+    # every stage (3) or one per stage ((3, 5, 7)) are both valid for conv_stack.
+    with node.unlocked():
+      del node[leaf]
+      node[leaf] = value
+    return
+  if isinstance(old, tuple) and isinstance(value, (int, float, str)):
+    value = (value,)
   if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   try:

@@ -45,12 +45,28 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                              process_id=process_id)
 
 
+# XLA's CPU collectives abort the process when a device thread misses a rendezvous for ~40 s,
+# which an overloaded host (a shared CI machine, a sweep with several workers) can cause without
+# anything being wrong. A slow step is better than a dead run: wait up to 30 minutes.
+CPU_COLLECTIVE_FLAGS = ('--xla_cpu_collective_call_terminate_timeout_seconds=1800',
+                        '--xla_cpu_collective_timeout_seconds=1800',
+                        '--xla_cpu_collective_call_warn_stuck_timeout_seconds=120')
+
+
+def patient_cpu_collectives(environ=os.environ) -> None:
+  """Adds CPU_COLLECTIVE_FLAGS to XLA_FLAGS (unless set there already); before JAX starts."""
+  flags = environ.get('XLA_FLAGS', '')
+  extra = [f for f in CPU_COLLECTIVE_FLAGS if f.split('=')[0] not in flags]
+  environ['XLA_FLAGS'] = ' '.join([flags, *extra]).strip()
+
+
 def configure_cpu_devices(count: int = 0) -> bool:
   """Splits the CPU backend into `count` devices (0: one per core) if JAX has not started yet.
 
   Returns whether it took effect. On a GPU/TPU host this only shapes the (unused) CPU backend.
   """
   count = count or os.cpu_count() or 1
+  patient_cpu_collectives()
   try:
     jax.config.update('jax_num_cpu_devices', count)
   except RuntimeError:  # backends already initialised (e.g. under tests): keep what exists

@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 2  # most recent checkpoints kept (the best is kept as well)
   c.checkpoint.best_metric = 'accuracy'  # eval metric that picks the best checkpoint
   c.checkpoint.best_mode = 'max'  # 'max' | 'min'
+  c.checkpoint.allow_config_change = False  # resume even if structural keys differ from config.json
 
   c.log = ml_collections.ConfigDict()
   c.log.tensorboard = True  # write TensorBoard event files into the workdir

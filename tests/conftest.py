@@ -2,9 +2,14 @@
 
 import os
 
-# Must happen before JAX initialises its backends.
+# Must happen before JAX initialises its backends. The suite shares 2 cores between xdist
+# workers, so CPU collectives must wait for starved device threads instead of aborting.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+from cnnlab import parallel  # noqa: E402  (imports jax, but starts no backend)
+
+parallel.patient_cpu_collectives()
 
 import jax  # noqa: E402
 

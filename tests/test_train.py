@@ -37,7 +37,7 @@ def make_config(experiment='quickstart', data_dir=None, **overrides):
 
 def tiny(data_dir, **overrides):
   """conv_stack on the 8x8 digits: seconds to compile, for engine behaviour tests."""
-  base = dict(model__filters=(8, 16), model__pool='max', data__name='digits',
+  base = dict(model__filters=(8, 16), model__pool='max', model__stride=1, data__name='digits',
               train__batch_size=32, train__num_steps=4, train__log_every_steps=1,
               train__eval_every_steps=2, optim__learning_rate=0.05, optim__schedule='constant',
               data__augment__translate=1)
@@ -60,6 +60,16 @@ def test_misspelt_override_fails_with_suggestion():
     config_lib.load(path, ['optim=sgd'])
   config = config_lib.load(path, ['model.filters=(16, 32)', 'optim.learning_rate=1'])
   assert config.model.filters == (16, 32) and config.optim.learning_rate == 1.0
+
+
+def test_model_arguments_take_one_value_or_one_per_stage():
+  path = os.path.join(EXPERIMENTS, 'quickstart.py')
+  config = config_lib.load(path, ['model.pool=max', 'model.stride=2'])
+  assert config.model.pool == 'max' and config.model.stride == 2
+  config = config_lib.load(path, ["model.pool=('max', 'avg', 'none')", 'model.kernel_size=[3, 5, 7]'])
+  assert config.model.pool == ('max', 'avg', 'none') and config.model.kernel_size == (3, 5, 7)
+  with pytest.raises(config_lib.ConfigError, match='train.batch_size=.*expected int'):
+    config_lib.load(path, ['train.batch_size=(64, 64)'])  # outside the model, types hold
 
 
 def test_validation_lists_every_problem_at_once(data_dir):

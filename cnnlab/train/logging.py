@@ -20,14 +20,16 @@ import jax
 class MetricWriter:
   """Appends metric records to WORKDIR/metrics.jsonl and (optionally) TensorBoard."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, purge_step: int | None = None):
+    """purge_step: a resumed run's first step; TensorBoard drops events a killed run logged from
+    there on (metrics.jsonl is truncated by the checkpoint code)."""
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._file = open(self.path, 'a', encoding='utf-8') if self.enabled else None
     self._tb = None
     if self.enabled and tensorboard:
       from tensorboardX import SummaryWriter  # no TensorFlow needed
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'))
+      self._tb = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'), purge_step=purge_step)
 
   def write(self, kind: str, step: int, metrics: dict) -> None:
     if not self.enabled:

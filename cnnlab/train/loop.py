@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from cnnlab import checkpoint, data, models, parallel
 from cnnlab import config as config_lib
-from cnnlab.train import optim, state as state_lib, step as step_lib
+from cnnlab.train import optim, resume, state as state_lib, step as step_lib
 from cnnlab.train.logging import MetricWriter, Progress
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -150,35 +152,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run = setup(config)
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if primary:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      f.write(config_lib.to_json(config))
+  lock = resume.WorkdirLock(workdir) if primary else None
+  ckpt = preemption = None
+  try:
+    # Resume: the latest committed checkpoint (partial saves of a killed run are removed first).
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                   best_metric=config.checkpoint.best_metric,
+                                   best_mode=config.checkpoint.best_mode)
+    preemption = resume.PreemptionWatch(ckpt)  # SIGTERM from here on: save, then exit 75
+    resume_step = ckpt.latest_step()
+    if resume_step is not None:
+      resume.check_resume_config(workdir, config, resume_step)
+      if resume_step > run.total_steps:
+        raise config_lib.ConfigError(
+            f'{workdir} has a checkpoint at step {resume_step}, past the {run.total_steps} steps '
+            'this config trains; raise train.num_steps/num_epochs or use a new --workdir')
+    if primary:
+      checkpoint.atomic_write(checkpoint.safe_join(workdir, 'config.json'),
+                              config_lib.to_json(config))
+      resume.record_launch(workdir, resume_step or 0)
 
-  ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                 best_metric=config.checkpoint.best_metric,
-                                 best_mode=config.checkpoint.best_mode)
-  state = run.initial_state()
-  num_params = int(sum(np.size(p) for p in jax.tree.leaves(state.params)))
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-  start_step = int(state.step)
-  _first_batch_check(run, start_step)
-  state = run.par.place_state(state)
-  train_fn, data_arg = run.compile_train(state)
-  eval_fn = run.par.compile_eval(step_lib.make_eval_step(run.settings), state)
-  setup_time = time.time() - started
+    state = run.initial_state()
+    num_params = int(sum(np.size(p) for p in jax.tree.leaves(state.params)))
+    # What logging and best tracking carry over a restart, so a resumed run writes exactly the
+    # records of an uninterrupted one: the train metrics of the steps since the last record.
+    pending, interval_step, best, final = [], 0, None, None
+    if resume_step is not None:
+      state, record = ckpt.restore(state, resume_step)
+      pending = resume.decode_metrics(record.get('pending', {}))
+      interval_step = record.get('interval_step', resume_step)
+      best, final = record.get('best'), record.get('final')
+      if primary:
+        resume.truncate_metrics(workdir, resume_step)
+    start_step = int(state.step)
+    _first_batch_check(run, start_step)
+    state = run.par.place_state(state)
+    train_fn, data_arg = run.compile_train(state)
+    eval_fn = run.par.compile_eval(step_lib.make_eval_step(run.settings), state)
+    setup_time = time.time() - started
 
-  t = time.time()
-  if run.par.strategy == 'jit':
-    train_fn = train_fn.lower(state, data_arg).compile()
-  compile_time = time.time() - t
+    # A host (grain) pipeline: its first batch is drawn now, compiled against, and trained on first.
+    batch_iter = None
+    if data_arg is None:
+      batches = run.train_data.iterate(start_step)
+      first = next(batches)
+      batch_iter = itertools.chain([first], batches)
+    t = time.time()
+    if run.par.strategy == 'jit':
+      train_fn = train_fn.lower(state, data_arg if batch_iter is None else first).compile()
+    compile_time = time.time() - t
 
-  writer = MetricWriter(workdir, config.log.tensorboard)
+    writer = MetricWriter(workdir, config.log.tensorboard,
+                          purge_step=None if resume_step is None else resume_step + 1)
+  except BaseException:
+    for closing in (preemption and preemption.close, ckpt and ckpt.close,
+                    lock and lock.release):
+      if closing:
+        closing()
+    raise
+
+  def save(done: int, evaluated: dict | None) -> None:
+    loop_record = {'pending': resume.encode_metrics(pending), 'interval_step': interval_step,
+                   'best': best, 'final': final}
+    ckpt.save(done, run.par.unreplicate(state), loop=loop_record, metrics=evaluated)
+
   progress = Progress(run.total_steps, start_step, config.log.progress)
-  batch_iter = None if data_arg is not None else run.train_data.iterate(start_step)
-  best, final, pending = None, None, []
   train_time = eval_time = 0.0
-  interval_start, interval_step = time.time(), start_step
+  interval_start = time.time()
   try:
     for step in range(start_step, run.total_steps):
       batch = data_arg if batch_iter is None else next(batch_iter)
@@ -198,23 +238,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write('train', done, record)
         progress.update(done, f"loss {record['loss']:.4f}  {record['images_per_sec']:.0f} img/s")
         interval_start, interval_step = time.time(), done
+      evaluated, improved = None, False
       if done % run.eval_every == 0 or done == run.total_steps:
         t = time.time()
         result = run.evaluate(eval_fn, state)
         eval_time += time.time() - t
         writer.write('eval', done, result)
-        final = {**result, 'step': done}
+        final = evaluated = {**result, 'step': done}
         if best is None or _better(config, result, best):
-          best = final
+          best, improved = final, True
         interval_start = time.time()  # evaluation is not training time
-      if config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0:
-        ckpt.save(done, run.par.unreplicate(state), metrics=final)
-    ckpt.save(run.total_steps, run.par.unreplicate(state), metrics=final, force=True)
+      # Checkpoints: periodic, at each new best evaluation (so the best is on disk), on SIGTERM.
+      stop = preemption.requested(done)
+      periodic = config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0
+      if periodic or stop or (improved and config.checkpoint.best_metric):
+        save(done, evaluated)
+      if stop:
+        ckpt.wait()
+        print(f'cnnlab: SIGTERM: checkpoint at step {done} committed in {workdir}; exiting with '
+              f'{checkpoint.EXIT_PREEMPTED} so the launcher requeues (the next launch resumes)',
+              file=sys.stderr, flush=True)
+        raise checkpoint.Preempted(done, workdir)
+    if ckpt.latest_step() != run.total_steps:
+      save(run.total_steps, final if final and final['step'] == run.total_steps else None)
     ckpt.wait()
   finally:
     progress.close()
     writer.close()
-    ckpt.close()
+    preemption.close()
+    try:
+      ckpt.close()
+    finally:
+      if lock:
+        lock.release()
 
   summary = {
       'final_eval': final, 'best_eval': best, 'num_params': num_params,
@@ -227,8 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'num_devices': run.par.num_devices, 'num_processes': jax.process_count(),
   }
   if primary:
-    with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
-      json.dump(summary, f, indent=2)
+    checkpoint.atomic_write(os.path.join(workdir, 'summary.json'), json.dumps(summary, indent=2))
   return summary
 
 
