@@ -125,6 +125,17 @@ def set_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
                       f'{old!r} ({e})') from None
 
 
+def flatten(tree, prefix: str = '') -> dict[str, Any]:
+  """{'train': {'batch_size': 128}} -> {'train.batch_size': 128} (dicts or ConfigDicts)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = value
+  return out
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 

@@ -241,19 +241,9 @@ def select(points: Sequence[Point], indices: str) -> list[Point]:
 
 # ---- the state of a run directory ----
 
-def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(flatten(value, f'{prefix}{key}.'))
-    else:
-      out[prefix + key] = value
-  return out
-
-
 def fingerprint(config: Mapping[str, Any]) -> dict[str, Any]:
   """The flattened config minus IGNORED_KEYS: what makes two runs the same run."""
-  return {k: v for k, v in flatten(config).items()
+  return {k: v for k, v in config_lib.flatten(config).items()
           if not any(k == i or k.startswith(i + '.') for i in IGNORED_KEYS)}
 
 

@@ -75,9 +75,17 @@ LONG = dict(train__num_steps=150, train__eval_every_steps=50)
 
 # ---- shared, built once per test session (across xdist workers) ----
 
+@pytest.fixture(scope='session')
+def shared_root(tmp_path_factory, testrun_uid):
+  """A directory shared by the xdist workers of this session and no other session (without
+  xdist, getbasetemp().parent is shared by every session of the user)."""
+  root = tmp_path_factory.getbasetemp().parent / f'cnnlab-session-{testrun_uid}'
+  root.mkdir(exist_ok=True)
+  return root
+
+
 @contextlib.contextmanager
-def _session_lock(tmp_path_factory, name):
-  root = tmp_path_factory.getbasetemp().parent  # shared by the xdist workers of one session
+def _session_lock(root, name):
   with open(root / f'{name}.lock', 'w') as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
@@ -87,9 +95,9 @@ def _session_lock(tmp_path_factory, name):
 
 
 @pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
+def data_dir(shared_root):
   """The digits dataset, prepared once, and the tests' experiment file beside it."""
-  with _session_lock(tmp_path_factory, 'ckpt_datasets') as path:
+  with _session_lock(shared_root, 'ckpt_datasets') as path:
     if not (path / 'ready').exists():
       data.prepare('digits', str(path))
       (path.parent / 'ckpt_experiment.py').write_text(
@@ -103,8 +111,8 @@ def experiment(data_dir):
 
 
 @pytest.fixture(scope='session')
-def cache_dir(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp().parent / 'ckpt_xla_cache'
+def cache_dir(shared_root):
+  path = shared_root / 'ckpt_xla_cache'
   path.mkdir(exist_ok=True)
   return str(path)
 
@@ -165,8 +173,8 @@ def run_cli(args, fault=None, at=None, commit=None, timeout=900):
                         timeout=timeout, cwd=ROOT)
 
 
-def uninterrupted(tmp_path_factory, data_dir, cache_dir, name, **overrides):
-  with _session_lock(tmp_path_factory, name) as workdir:
+def uninterrupted(shared_root, data_dir, cache_dir, name, **overrides):
+  with _session_lock(shared_root, name) as workdir:
     if not (workdir / 'summary.json').exists():
       result = run_cli(cli_args(workdir, data_dir, cache_dir, **overrides))
       assert result.returncode == 0, result.stderr[-3000:]
@@ -174,14 +182,14 @@ def uninterrupted(tmp_path_factory, data_dir, cache_dir, name, **overrides):
 
 
 @pytest.fixture(scope='session')
-def reference(tmp_path_factory, data_dir, cache_dir):
+def reference(shared_root, data_dir, cache_dir):
   """An uninterrupted 60-step run (built once per session, whichever worker asks first)."""
-  return uninterrupted(tmp_path_factory, data_dir, cache_dir, 'ckpt_reference')
+  return uninterrupted(shared_root, data_dir, cache_dir, 'ckpt_reference')
 
 
 @pytest.fixture(scope='session')
-def long_reference(tmp_path_factory, data_dir, cache_dir):
-  return uninterrupted(tmp_path_factory, data_dir, cache_dir, 'ckpt_long_reference',
+def long_reference(shared_root, data_dir, cache_dir):
+  return uninterrupted(shared_root, data_dir, cache_dir, 'ckpt_long_reference',
                        checkpoint__every_steps=0, **LONG)
 
 
@@ -321,10 +329,10 @@ def make_config(data_dir, **overrides):
 
 
 @pytest.fixture(scope='session')
-def trained(tmp_path_factory, data_dir):
+def trained(shared_root, data_dir):
   """A finished 4-step run (checkpoints at 2 and 4), trained once per session; tests copy it
   before changing anything."""
-  with _session_lock(tmp_path_factory, 'ckpt_trained') as workdir:
+  with _session_lock(shared_root, 'ckpt_trained') as workdir:
     if not (workdir / 'summary.json').exists():
       loop.train_and_evaluate(make_config(data_dir, checkpoint__keep=3), str(workdir))
   return str(workdir)

@@ -82,16 +82,6 @@ def decode_metrics(encoded: dict) -> list[dict]:
 
 # ---- resume checks, metrics.jsonl, provenance ----
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      out[prefix + key] = value
-  return out
-
-
 def _resumable(key: str) -> bool:
   return any(key == k or key.startswith(k + '.') for k in RESUMABLE_KEYS)
 
@@ -106,7 +96,7 @@ ABSENT = _Absent()  # a key one of the two configs does not have
 
 def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
   """(key, old, new) for every structural key that differs between two config dicts."""
-  a, b = _flatten(old), _flatten(new)
+  a, b = config_lib.flatten(old), config_lib.flatten(new)
   return [(k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
           if not _resumable(k) and a.get(k, ABSENT) != b.get(k, ABSENT)]
 
