@@ -5,7 +5,6 @@ Parametrised over list_models(), so a newly registered model is tested the momen
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

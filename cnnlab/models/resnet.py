@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnlab.layers import BasicBlock, Bottleneck, ConvBlock, GlobalPool, Pool, check_choice, conv_block
+from cnnlab.layers import BasicBlock, Bottleneck, GlobalPool, Pool, check_choice, conv_block
 from cnnlab.models import register
 
 ModuleDef = Any
