@@ -356,8 +356,8 @@ def main(argv=None) -> int:
                       help="global batch for every model ('64') or per model ('resnet50=64,...'); "
                       'default: 128 for simple_cnn and resnet18_cifar, 32 (CPU) / 256 (GPU) at 224')
   parser.add_argument('--quick', action='store_true', help='smoke run: --steps 3 --warmup 1')
-  parser.add_argument('--cpu-devices', default='0',
-                      help="cnnlab's parallel.cpu_devices (0 = one per core, cnnlab's default); "
+  parser.add_argument('--cpu-devices', default='1',
+                      help="cnnlab's parallel.cpu_devices (1 = cnnlab's default, 0 = one per core); "
                       'a comma list gives one cnnlab row per value, to compare the lever')
   parser.add_argument('--override', action='append', default=[], metavar='KEY=VALUE',
                       help='extra cnnlab config override (as --config.KEY=VALUE), last wins')

@@ -46,18 +46,26 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 
 
 # XLA's CPU collectives abort the process when a device thread misses a rendezvous for ~40 s,
-# which an overloaded host (a shared CI machine, a sweep with several workers) can cause without
-# anything being wrong. A slow step is better than a dead run: wait up to 30 minutes.
-CPU_COLLECTIVE_FLAGS = ('--xla_cpu_collective_call_terminate_timeout_seconds=1800',
-                        '--xla_cpu_collective_timeout_seconds=1800',
+# which an overloaded host (a shared CI machine, a sweep with several workers) causes with nothing
+# wrong. Wait 5 minutes: long enough for a starved thread, short enough that a real deadlock
+# (seen with 2 devices on 2 cores, see parallel.cpu_devices in experiments/base.py) fails fast.
+CPU_COLLECTIVE_FLAGS = ('--xla_cpu_collective_call_terminate_timeout_seconds=300',
+                        '--xla_cpu_collective_timeout_seconds=300',
                         '--xla_cpu_collective_call_warn_stuck_timeout_seconds=120')
 
 
 def patient_cpu_collectives(environ=os.environ) -> None:
-  """Adds CPU_COLLECTIVE_FLAGS to XLA_FLAGS (unless set there already); before JAX starts."""
+  """Makes several CPU devices in one process safe(r) to use; call before JAX starts.
+
+  Adds CPU_COLLECTIVE_FLAGS to XLA_FLAGS (unless set there already), and turns off asynchronous
+  CPU dispatch: the deadlocks seen (a rendezvous waiting across two programs, right where an
+  evaluation follows training) need one program to be dispatched while devices are still in the
+  previous one. Synchronous dispatch costs little here: the host work per step is small.
+  """
   flags = environ.get('XLA_FLAGS', '')
   extra = [f for f in CPU_COLLECTIVE_FLAGS if f.split('=')[0] not in flags]
   environ['XLA_FLAGS'] = ' '.join([flags, *extra]).strip()
+  jax.config.update('jax_cpu_enable_async_dispatch', False)
 
 
 def configure_cpu_devices(count: int = 0) -> bool:
@@ -66,7 +74,8 @@ def configure_cpu_devices(count: int = 0) -> bool:
   Returns whether it took effect. On a GPU/TPU host this only shapes the (unused) CPU backend.
   """
   count = count or os.cpu_count() or 1
-  patient_cpu_collectives()
+  if count > 1:
+    patient_cpu_collectives()
   try:
     jax.config.update('jax_num_cpu_devices', count)
   except RuntimeError:  # backends already initialised (e.g. under tests): keep what exists

@@ -71,10 +71,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.parallel.strategy = 'jit'
   c.parallel.fsdp = False  # jit only: shard parameters and optimizer state over 'data'
   c.parallel.num_devices = 0  # devices to use; 0 = all (of all processes)
-  # CPU backend only: split the host into this many XLA devices, so data parallelism uses every
-  # core (XLA's own intra-op threading of convolutions scales poorly); 0 = one per core. Applied
-  # by `cnnlab train` before JAX starts; ignored if it has started already.
-  c.parallel.cpu_devices = 0
+  # CPU backend only: split the host into this many XLA devices (0 = one per core), so data
+  # parallelism uses every core: +20-30% images/s on 2 cores, because XLA's own threading of
+  # convolutions scales poorly. Opt-in: on a 2-core host, 2 devices were seen to deadlock in an
+  # all-reduce rendezvous (XLA aborts such a run after parallel.CPU_COLLECTIVE_FLAGS' timeout).
+  # Applied by `cnnlab train` before JAX starts; ignored if it has started already.
+  c.parallel.cpu_devices = 1
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0  # steps between checkpoints; 0 = only at the end

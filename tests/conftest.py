@@ -3,7 +3,9 @@
 import os
 
 # Must happen before JAX initialises its backends. The suite shares 2 cores between xdist
-# workers, so CPU collectives must wait for starved device threads instead of aborting.
+# workers: CPU collectives must wait for starved device threads instead of aborting, and dispatch
+# is synchronous to avoid the cross-program rendezvous deadlocks seen under load (see
+# parallel.patient_cpu_collectives).
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
