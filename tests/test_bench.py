@@ -95,8 +95,8 @@ def test_quick_run_writes_expected_json(tmp_path):
     assert all(math.isfinite(x) for x in r['losses'])
   cnnlab, torch_row = rows
   assert cnnlab['compile_s'] > 0 and cnnlab['strategy'] == 'jit'
-  # The inherited 8-device test split is dropped: cnnlab's default, one device per core.
-  assert cnnlab['num_devices'] == (os.cpu_count() or 1)
+  # The inherited 8-device test split is dropped for cnnlab's default, parallel.cpu_devices=1.
+  assert cnnlab['num_devices'] == 1
   assert 'device_count' not in cnnlab['xla_flags']
   assert "data.name='synthetic'" in cnnlab['overrides']
   assert cnnlab['ratio_cnnlab_over_peer'] == 1.0
