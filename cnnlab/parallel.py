@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -47,25 +48,49 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 
 # XLA's CPU collectives abort the process when a device thread misses a rendezvous for ~40 s,
 # which an overloaded host (a shared CI machine, a sweep with several workers) causes with nothing
-# wrong. Wait 5 minutes: long enough for a starved thread, short enough that a real deadlock
-# (seen with 2 devices on 2 cores, see parallel.cpu_devices in experiments/base.py) fails fast.
+# wrong. Wait 5 minutes: long enough for a starved thread, short enough that a real deadlock fails
+# fast instead of hanging a job.
 CPU_COLLECTIVE_FLAGS = ('--xla_cpu_collective_call_terminate_timeout_seconds=300',
                         '--xla_cpu_collective_timeout_seconds=300',
                         '--xla_cpu_collective_call_warn_stuck_timeout_seconds=120')
 
 
-def patient_cpu_collectives(environ=os.environ) -> None:
-  """Makes several CPU devices in one process safe(r) to use; call before JAX starts.
+def cpu_pool_threads(num_devices: int) -> int:
+  """Threads the XLA:CPU intra-op pool needs so that N devices in one process cannot deadlock.
 
-  Adds CPU_COLLECTIVE_FLAGS to XLA_FLAGS (unless set there already), and turns off asynchronous
-  CPU dispatch: the deadlocks seen (a rendezvous waiting across two programs, right where an
-  evaluation follows training) need one program to be dispatched while devices are still in the
-  previous one. Synchronous dispatch costs little here: the host work per step is small.
+  XLA runs a device's collective (all-reduce) on whichever pool thread finished the work before
+  it, and that thread then blocks until every device has arrived. With the default pool of one
+  thread per core, 2 devices on 2 cores (or 8 on 2) deadlock within seconds: the blocked threads
+  are the ones the missing device needs to reach the rendezvous. `bench/stress_collectives.py`
+  reproduces it: a pool of N, N + 1 or 1.5 N threads still deadlocks; 2 N threads never did.
+  """
+  return max(os.cpu_count() or 1, 2 * num_devices)
+
+
+def _flag_device_count(flags: str) -> int | None:
+  match = re.search(r'--xla_force_host_platform_device_count=(\d+)', flags)
+  return int(match.group(1)) if match else None
+
+
+def patient_cpu_collectives(num_devices: int | None = None, environ=os.environ) -> None:
+  """Makes several CPU devices in one process safe to use; call before JAX starts its backend.
+
+  num_devices: the CPU device count (None: read XLA_FLAGS' --xla_force_host_platform_device_count).
+  Sizes XLA's CPU thread pool to at least `cpu_pool_threads` through PJRT_NPROC (a larger value
+  already there is kept) and adds CPU_COLLECTIVE_FLAGS to XLA_FLAGS (unless set there already).
+  The pool costs throughput beyond the core count (ResNet-18 on 2 devices: -12% with 4 threads
+  instead of 2; bench/README.md), which is the price of not deadlocking.
   """
   flags = environ.get('XLA_FLAGS', '')
+  if num_devices is None:
+    num_devices = _flag_device_count(flags) or 1
+  if num_devices > 1:
+    threads = cpu_pool_threads(num_devices)
+    current = environ.get('PJRT_NPROC', '')
+    if not current.isdigit() or int(current) < threads:
+      environ['PJRT_NPROC'] = str(threads)
   extra = [f for f in CPU_COLLECTIVE_FLAGS if f.split('=')[0] not in flags]
   environ['XLA_FLAGS'] = ' '.join([flags, *extra]).strip()
-  jax.config.update('jax_cpu_enable_async_dispatch', False)
 
 
 def configure_cpu_devices(count: int = 0) -> bool:
@@ -74,8 +99,7 @@ def configure_cpu_devices(count: int = 0) -> bool:
   Returns whether it took effect. On a GPU/TPU host this only shapes the (unused) CPU backend.
   """
   count = count or os.cpu_count() or 1
-  if count > 1:
-    patient_cpu_collectives()
+  patient_cpu_collectives(count)
   try:
     jax.config.update('jax_num_cpu_devices', count)
   except RuntimeError:  # backends already initialised (e.g. under tests): keep what exists

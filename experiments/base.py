@@ -72,9 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.parallel.fsdp = False  # jit only: shard parameters and optimizer state over 'data'
   c.parallel.num_devices = 0  # devices to use; 0 = all (of all processes)
   # CPU backend only: split the host into this many XLA devices (0 = one per core), so data
-  # parallelism uses every core: +20-30% images/s on 2 cores, because XLA's own threading of
-  # convolutions scales poorly. Opt-in: on a 2-core host, 2 devices were seen to deadlock in an
-  # all-reduce rendezvous (XLA aborts such a run after parallel.CPU_COLLECTIVE_FLAGS' timeout).
+  # parallelism uses every core: +13% images/s on the quickstart and +27% on ResNet-18 with 2
+  # devices on 2 cores (README), because XLA's own threading of convolutions scales poorly.
+  # cnnlab gives XLA's CPU pool 2 threads per device (parallel.cpu_pool_threads), without which
+  # several devices deadlock in their all-reduces. Opt-in: results then depend on the core count.
   # Applied by `cnnlab train` before JAX starts; ignored if it has started already.
   c.parallel.cpu_devices = 1
 

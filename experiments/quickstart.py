@@ -3,10 +3,9 @@
   cnnlab train --config experiments/quickstart.py --workdir runs/quickstart
 
 Target: >= 99.0% test accuracy within 60 s wall time on a 2-core CPU, compilation included,
-deterministic for a seed. NOT met yet: it reaches 98.3% in 59.6 s wall (compile 2.7 s), seed 0,
-on the 2-core machine at load average ~2 (2026-11-22; the README gives the command); 98.2% in
-46.4 s with --config.parallel.cpu_devices=0 (2 devices, opt-in). Accuracy plateaued at 98.1-98.4%
-over the 15 variants tried (README, "Quickstart status").
+deterministic for a seed. NOT met yet: it reaches 98.3% in 54.7 s wall (training 52.5 s), seed 0,
+on the idle 2-core machine (2026-11-22; the README gives the command, the variants tried and why
+none passes).
 
 Why this shape: at 28x28 the step is dominated by the memory-bound work around the first stage
 (batch norm, ReLU, pooling and their gradients on a 28x28x32 map), not by the convolutions' FLOPs,
@@ -26,7 +25,10 @@ def get_config():
   config.model.stride = (2, 1, 1)  # per stage: the first stage downsamples by convolution
   config.model.padding = 'SAME'
   config.model.pool = ('none', 'max', 'max')  # per stage
+  config.model.convs_per_stage = 1
   config.model.norm = 'batch'
+  config.model.dropout = 0.0
+  config.model.hidden = ()
   config.model.head = 'global_avg'
   config.data.name = 'mnist5k'
   config.data.augment.translate = 2

@@ -2,10 +2,8 @@
 
 import os
 
-# Must happen before JAX initialises its backends. The suite shares 2 cores between xdist
-# workers: CPU collectives must wait for starved device threads instead of aborting, and dispatch
-# is synchronous to avoid the cross-program rendezvous deadlocks seen under load (see
-# parallel.patient_cpu_collectives).
+# Must happen before JAX initialises its backends: 8 CPU devices, with the thread pool and
+# rendezvous timeouts that make their collectives safe (parallel.patient_cpu_collectives).
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
@@ -15,4 +13,7 @@ parallel.patient_cpu_collectives()
 
 import jax  # noqa: E402
 
+jax.devices()  # start the backend now, with this environment
+# Subprocesses the tests start size their own pool from their own device count.
+os.environ.pop('PJRT_NPROC', None)
 jax.config.update('jax_numpy_dtype_promotion', 'strict')
