@@ -49,8 +49,9 @@ def assert_boxes_follow_masks(batch: dict, atol: float):
 
 def all_on() -> dict:
   cfg = config.augment_config().to_dict()
-  cfg.update(crop_padding=2, crop_mode='reflect', translate=3, rotate=15.0, flip='random',
-             cutout=4, mixup_alpha=0.2, cutmix_alpha=1.0)
+  cfg.update(crop_padding=2, crop_mode='reflect', translate=3, rotate=15.0, scale=0.1, shear=5.0,
+             elastic_alpha=8.0, elastic_sigma=3.0, flip='random', cutout=4, mixup_alpha=0.2,
+             cutmix_alpha=1.0)
   return cfg
 
 
@@ -152,6 +153,66 @@ def test_rotation_turns_masks_and_boxes_with_images():
     assert (box[:2] <= tight[:2] + half_pixel).all() and (box[2:] >= tight[2:] - half_pixel).all()
 
 
+def test_warp_matches_torch_grid_sample():
+  """Bilinear resampling through random affine maps against PyTorch's grid_sample (zeros outside,
+  align_corners=False): on a square image, the pixel map A p + t is (A, 2 t / W) normalised."""
+  torch = pytest.importorskip('torch')
+  batch = make_batch()
+  rng = np.random.default_rng(1)
+  matrices = np.concatenate([np.eye(2)[None] + rng.uniform(-0.4, 0.4, (B, 2, 2)),
+                             rng.uniform(-3, 3, (B, 2, 1))], -1).astype(np.float32)
+  out = np.asarray(augment.warp({'image': batch['image']}, jnp.asarray(matrices))['image'])
+  theta = matrices.copy()
+  theta[:, :, 2] /= W / 2
+  nchw = torch.tensor(np.asarray(batch['image'], np.float32)).permute(0, 3, 1, 2)
+  grid = torch.nn.functional.affine_grid(torch.tensor(theta), list(nchw.shape), align_corners=False)
+  expected = torch.nn.functional.grid_sample(nchw, grid, mode='bilinear', padding_mode='zeros',
+                                             align_corners=False).permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(out, np.clip(np.round(expected), 0, 255), atol=1)
+
+
+def test_zoom_and_shear_move_masks_and_boxes_with_images():
+  batch = make_batch()
+  assert_same(augment.warp(batch, augment.affine_matrices(jnp.zeros(B), jnp.ones(B),
+                                                          jnp.zeros(B))), batch)
+  square = np.zeros((B, H, W), np.uint8)
+  square[:, 6:10, 6:10] = 1  # a centred 4x4 square
+  centred = {'image': jnp.asarray(square[..., None] * 200), 'mask': jnp.asarray(square),
+             'bbox': jnp.tile(jnp.asarray([[6 / H, 6 / W, 10 / H, 10 / W]], jnp.float32), (B, 1))}
+  doubled = augment.warp(centred, augment.affine_matrices(jnp.zeros(B), jnp.full(B, 2.0)))
+  expected = np.zeros((H, W), np.uint8)
+  expected[4:12, 4:12] = 1
+  for i in range(B):
+    np.testing.assert_array_equal(np.asarray(doubled['mask'][i]), expected)
+  np.testing.assert_allclose(np.asarray(doubled['bbox']), [[4 / H, 4 / W, 12 / H, 12 / W]] * B,
+                             atol=1e-6)
+  # Shear by 45 degrees: x' = x + y, so the bottom row of the square moves right, the top left.
+  sheared = augment.warp(centred, augment.affine_matrices(jnp.zeros(B), None, jnp.full(B, 45.0)))
+  rows = np.asarray(sheared['mask'][0])
+  assert np.nonzero(rows[9])[0].mean() - np.nonzero(rows[6])[0].mean() == pytest.approx(3.0)
+  np.testing.assert_allclose(np.asarray(sheared['bbox'][0]), [6 / H, 4 / W, 10 / H, 12 / W],
+                             atol=1e-6)
+  small = augment.random_affine(jax.random.PRNGKey(0), batch, rotate=10.0, scale=0.2, shear=10.0)
+  for i in range(B):  # the mapped corners' box contains the mapped rectangle
+    tight, box = box_of(np.asarray(small['mask'][i])), np.asarray(small['bbox'][i])
+    assert (box[:2] <= tight[:2] + 0.5 / H).all() and (box[2:] >= tight[2:] - 0.5 / H).all()
+
+
+def test_elastic_field_has_simards_magnitude_and_is_smooth():
+  field = np.asarray(augment.elastic_field(jax.random.PRNGKey(0), (64, 28, 28), 34.0, 4.0))
+  assert field.shape == (64, 28, 28, 2)
+  # rms of uniform(-1, 1) smoothed by a unit-sum 2-D Gaussian: alpha / sqrt(3) / (2 sqrt(pi) sigma)
+  expected = 34.0 / np.sqrt(3.0) / (2.0 * np.sqrt(np.pi) * 4.0)
+  interior = field[:, 12:16, 12:16]  # away from the border, where the truncated Gaussian is whole
+  assert np.sqrt(np.mean(interior ** 2)) == pytest.approx(expected, rel=0.15)
+  step = np.abs(np.diff(field, axis=1)).mean()  # neighbouring pixels move together
+  assert step < 0.2 * np.abs(field).mean()
+  batch = make_batch()
+  moved = augment.random_affine(jax.random.PRNGKey(1), batch, elastic_alpha=34.0)
+  assert not np.array_equal(np.asarray(moved['image']), np.asarray(batch['image']))
+  assert_same(moved, batch, keys=('bbox',))  # no affine part: boxes stay
+
+
 def test_cutout_zeroes_a_clipped_square_and_keeps_targets():
   batch = make_batch()
   batch['image'] = jnp.full_like(batch['image'], 200)
@@ -218,6 +279,10 @@ def test_normalize_and_its_config():
     ('crop_mode', 'wrap', 'config.data.augment.crop_mode'),
     ('translate', -1, 'config.data.augment.translate must be an int >= 0'),
     ('mixup_alpha', -0.1, 'config.data.augment.mixup_alpha must be >= 0'),
+    ('scale', 1.0, r'config.data.augment.scale must be in \[0, 1\)'),
+    ('shear', 90.0, 'config.data.augment.shear must be in'),
+    ('elastic_alpha', -1.0, 'config.data.augment.elastic_alpha must be >= 0'),
+    ('elastic_sigma', 0.0, 'config.data.augment.elastic_sigma must be > 0 pixels'),
 ])
 def test_invalid_augment_config_names_the_key(key, value, message):
   cfg = {**config.augment_config().to_dict(), key: value}

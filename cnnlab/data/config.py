@@ -14,8 +14,8 @@ from ml_collections import config_dict
 def augment_config() -> ml_collections.ConfigDict:
   """`config.data.augment`: on-device training augmentation (`cnnlab.data.augment.apply`).
 
-  Every transform is off at its zero value. They run in this order: crop, translate, rotate,
-  flip, cutout, mixup/cutmix. Masks and boxes follow their images through the geometric ones.
+  Every transform is off at its zero value. They run in this order: crop, translate, affine
+  (rotate, scale, shear, elastic: one bilinear resampling), flip, cutout, mixup/cutmix. Masks and boxes follow their images through the geometric ones.
   """
   c = ml_collections.ConfigDict()
   # Random crop after padding every side by this many pixels (CIFAR recipe: 4); 0 = off.
@@ -28,6 +28,15 @@ def augment_config() -> ml_collections.ConfigDict:
   c.translate = 0
   # Random rotation by an angle uniform in [-rotate, +rotate] degrees about the centre; 0 = off.
   c.rotate = 0.0
+  # Random zoom by a factor uniform in [1 - scale, 1 + scale] about the centre; 0 = off, < 1.
+  c.scale = 0.0
+  # Random shear along x by an angle uniform in [-shear, +shear] degrees; 0 = off.
+  c.shear = 0.0
+  # Elastic distortion (Simard et al. 2003): a per-pixel uniform [-1, 1] field smoothed by a
+  # unit-sum Gaussian of std `elastic_sigma` pixels, times `elastic_alpha` pixels; 0 = off.
+  # Their MNIST setting, alpha 34 and sigma 4, moves pixels by about 1.4 px rms.
+  c.elastic_alpha = 0.0
+  c.elastic_sigma = 4.0
   # Horizontal flip: 'none'; 'random' (each example with probability 1/2); 'alternate' (the
   # derandomised flip: a fixed random half of the examples is flipped in even epochs, the other
   # half in odd ones, so every example is seen both ways every two epochs).
