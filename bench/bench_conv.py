@@ -4,6 +4,8 @@ gradient, timed separately, next to a square matmul (the machine's GEMM rate) â€
   python bench/bench_conv.py                       # fp32 and bf16, quickstart and ResNet-18 layers
   python bench/bench_conv.py --dtypes fp32 --xla-flags=--xla_cpu_experimental_xnn_fusion_type=dot
   python bench/bench_conv.py --torch               # the same layers in PyTorch channels-last
+  python bench/bench_conv.py --xla-flags=--xla_cpu_experimental_ynn_fusion_type=individual_convolution
+                                                   # YNNPACK's convolutions (cnnlab turns them off)
 
 GFLOP/s counts 2 * MACs of the convolution for each of the three parts (they cost the same
 arithmetic), so a slow part stands out directly. Median of --reps runs after one warm-up.
@@ -98,6 +100,9 @@ def main() -> int:
     torch_rows(dtypes, args.batch, args.reps)
     return 0
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from cnnlab import parallel  # the XLA:CPU flags cnnlab runs with, unless --xla-flags sets them
+  parallel.fast_cpu_flags()
   print(f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}, batch {args.batch}")
   jax_rows(dtypes, args.batch, args.reps)
   return 0

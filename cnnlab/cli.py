@@ -72,6 +72,7 @@ def _train(args: argparse.Namespace) -> int:
     parallel.configure_cpu_devices(config.parallel.cpu_devices)
   else:  # the caller split the CPU itself (tests, launchers)
     parallel.patient_cpu_collectives()
+    parallel.fast_cpu_flags()
   parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   from cnnlab.train.loop import train_and_evaluate
   summary = train_and_evaluate(config, args.workdir)

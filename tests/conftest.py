@@ -10,6 +10,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 from cnnlab import parallel  # noqa: E402  (imports jax, but starts no backend)
 
 parallel.patient_cpu_collectives()
+parallel.fast_cpu_flags()  # the convolution library cnnlab's entry points choose
 
 import jax  # noqa: E402
 

@@ -69,6 +69,20 @@ def test_pool_matches_torch(images, kind, count_include_pad, ceil_mode, window, 
   np.testing.assert_allclose(pool.apply({}, images), nhwc(expected), atol=1e-6)
 
 
+@pytest.mark.parametrize('ceil_mode', [False, True])
+@pytest.mark.parametrize('window,stride,padding', [(3, 2, 1), (2, 2, 0), (3, 1, 1)])
+def test_max_pool_gradient_matches_torch(images, ceil_mode, window, stride, padding):
+  """The gradient routes each output's cotangent to its window's maximum (distinct values, so no
+  ties), overlapping windows adding up, as PyTorch's max_pool2d backward does."""
+  pool = layers.Pool('max', window, stride, padding=padding, ceil_mode=ceil_mode)
+  weights = np.random.RandomState(1).randn(*pool.apply({}, images).shape).astype(np.float32)
+  grad = jax.grad(lambda x: jnp.sum(pool.apply({}, x) * weights))(jnp.asarray(images))
+  x = nchw(images).requires_grad_(True)
+  out = F.max_pool2d(x, window, stride, padding, ceil_mode=ceil_mode)
+  (out * nchw(weights)).sum().backward()
+  np.testing.assert_allclose(grad, nhwc(x.grad), atol=1e-6)
+
+
 @pytest.mark.parametrize('out', [1, 3, (4, 6), 7])
 def test_adaptive_avg_pool_matches_torch(images, out):
   np.testing.assert_allclose(layers.AdaptiveAvgPool(out).apply({}, images),

@@ -50,3 +50,23 @@ def test_eight_devices_on_this_host_do_not_deadlock():
       timeout=600)
   assert result.returncode == 0, result.stdout + result.stderr[-3000:]
   assert 'ok: 300 steps' in result.stdout
+
+
+def test_fast_cpu_flags_turn_ynnpack_convolutions_off_unless_the_user_chose():
+  environ = {'XLA_FLAGS': '--xla_foo=1'}
+  parallel.fast_cpu_flags(environ)
+  assert environ['XLA_FLAGS'] == '--xla_foo=1 --xla_cpu_experimental_ynn_fusion_type='
+  chosen = {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=individual_convolution'}
+  parallel.fast_cpu_flags(chosen)
+  assert chosen['XLA_FLAGS'] == '--xla_cpu_experimental_ynn_fusion_type=individual_convolution'
+
+
+def test_this_backend_compiles_convolutions_without_ynnpack():
+  """conftest applied fast_cpu_flags before the backend started: no YNNPACK fusion is emitted."""
+  import jax
+  import jax.numpy as jnp
+  conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  # Big enough that YNNPACK takes it when allowed (a 2x8x8x4 input it never takes). Compiled only.
+  text = conv.lower(jnp.ones((128, 14, 14, 32)), jnp.ones((3, 3, 32, 8))).compile().as_text()
+  assert 'convolution' in text and 'ynn_fusion' not in text
