@@ -3,14 +3,16 @@
   cnnlab train --config experiments/quickstart.py --workdir runs/quickstart
 
 Target: >= 99.0% test accuracy within 60 s wall time on a 2-core CPU, compilation included,
-deterministic for a seed. NOT met yet: it reaches 98.3% in 54.7 s wall (training 52.5 s), seed 0,
-on the idle 2-core machine (2026-11-22; the README gives the command, the variants tried and why
-none passes).
+deterministic for a seed. NOT met: 98.8% in 46.2 s of wall time with seed 0 (98.73% +- 0.12 over
+seeds 0-2), on the 2-core AMD EPYC VM (2026-11-30; the README's "Quickstart status" gives the
+commands, the variants tried and the PyTorch peer, which plateaus at the same accuracy).
 
 Why this shape: at 28x28 the step is dominated by the memory-bound work around the first stage
-(batch norm, ReLU, pooling and their gradients on a 28x28x32 map), not by the convolutions' FLOPs,
-so the first convolution has stride 2 and no pool: 28 -> 14 -> 7 -> 3, the same total
-downsampling, about twice the images/s of a stride-1 first stage with max pooling.
+(batch norm, ReLU and their gradients on a 28x28x32 map), not by the convolutions' FLOPs, so the
+first convolution has stride 2 and no pool: 28 -> 14 -> 7 -> 3, the same total downsampling, about
+twice the images/s of a stride-1 first stage with max pooling. Its 5x5 kernel costs almost nothing
+at one input channel. 4,000 digits are few: the affine warp (rotation, zoom) and 25 epochs add
+0.6 points over translation alone at 15 epochs (98.07% -> 98.67%, seeds 0-2).
 """
 
 import base
@@ -21,7 +23,7 @@ def get_config():
   config.seed = 0
   config.model.name = 'conv_stack'
   config.model.filters = (32, 64, 128)
-  config.model.kernel_size = 3
+  config.model.kernel_size = (5, 3, 3)  # per stage
   config.model.stride = (2, 1, 1)  # per stage: the first stage downsamples by convolution
   config.model.padding = 'SAME'
   config.model.pool = ('none', 'max', 'max')  # per stage
@@ -31,9 +33,11 @@ def get_config():
   config.model.hidden = ()
   config.model.head = 'global_avg'
   config.data.name = 'mnist5k'
-  config.data.augment.translate = 2
+  config.data.augment.translate = 2  # pixels
+  config.data.augment.rotate = 10.0  # degrees
+  config.data.augment.scale = 0.1  # zoom in [0.9, 1.1]
   config.train.batch_size = 128
-  config.train.num_epochs = 15.0
+  config.train.num_epochs = 25.0
   config.train.log_every_steps = 31
   config.optim.name = 'sgd'
   config.optim.learning_rate = 0.1

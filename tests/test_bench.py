@@ -103,3 +103,14 @@ def test_quick_run_writes_expected_json(tmp_path):
   assert torch_row['ratio_cnnlab_over_peer'] == pytest.approx(
       cnnlab['images_per_s'] / torch_row['images_per_s'])
   assert 'images/s' in proc.stdout and 'torch_nchw' in proc.stdout
+
+
+def test_mnist5k_torch_peer_builds_the_quickstarts_network():
+  """bench/mnist5k_recipes_torch.py's default network is experiments/quickstart.py's: same layers,
+  same parameter count."""
+  pytest.importorskip('torch')
+  import mnist5k_recipes_torch
+  config = config_lib.load(os.path.join(ROOT, 'experiments', 'quickstart.py'))
+  quickstart = analysis.count_params(build_model(config, 10), (28, 28, 1))
+  twin = mnist5k_recipes_torch.build(mnist5k_recipes_torch.QUICKSTART, dropout=0.0)
+  assert sum(p.numel() for p in twin.parameters()) == quickstart == 94_698
