@@ -89,7 +89,13 @@ def patient_cpu_collectives(num_devices: int | None = None, environ=os.environ) 
     current = environ.get('PJRT_NPROC', '')
     if not current.isdigit() or int(current) < threads:
       environ['PJRT_NPROC'] = str(threads)
-  extra = [f for f in CPU_COLLECTIVE_FLAGS if f.split('=')[0] not in flags]
+  _add_xla_flags(CPU_COLLECTIVE_FLAGS, environ)
+
+
+def _add_xla_flags(new: tuple[str, ...], environ) -> None:
+  """Appends each of `new` to XLA_FLAGS unless XLA_FLAGS already sets that flag."""
+  flags = environ.get('XLA_FLAGS', '')
+  extra = [f for f in new if f.split('=')[0] not in flags]
   environ['XLA_FLAGS'] = ' '.join([flags, *extra]).strip()
 
 
@@ -103,9 +109,7 @@ CPU_SPEED_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=',)
 def fast_cpu_flags(environ=os.environ) -> None:
   """Adds CPU_SPEED_FLAGS to XLA_FLAGS, each unless XLA_FLAGS sets that flag already (so a user's
   choice wins); call before JAX starts its backend. GPU and TPU backends ignore them."""
-  flags = environ.get('XLA_FLAGS', '')
-  extra = [f for f in CPU_SPEED_FLAGS if f.split('=')[0] not in flags]
-  environ['XLA_FLAGS'] = ' '.join([flags, *extra]).strip()
+  _add_xla_flags(CPU_SPEED_FLAGS, environ)
 
 
 def configure_cpu_devices(count: int = 0) -> bool:

@@ -37,10 +37,10 @@ def make_config(experiment='quickstart', data_dir=None, **overrides):
 
 def tiny(data_dir, **overrides):
   """conv_stack on the 8x8 digits: seconds to compile, for engine behaviour tests."""
-  base = dict(model__filters=(8, 16), model__pool='max', model__stride=1, data__name='digits',
-              train__batch_size=32, train__num_steps=4, train__log_every_steps=1,
+  base = dict(model__filters=(8, 16), model__kernel_size=3, model__pool='max', model__stride=1,
+              data__name='digits', train__batch_size=32, train__num_steps=4, train__log_every_steps=1,
               train__eval_every_steps=2, optim__learning_rate=0.05, optim__schedule='constant',
-              data__augment__translate=1)
+              data__augment__translate=1, data__augment__rotate=0.0, data__augment__scale=0.0)
   return make_config('quickstart', data_dir, **{**base, **overrides})
 
 

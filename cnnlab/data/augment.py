@@ -7,8 +7,8 @@ clipped to the image (a box pushed entirely outside becomes empty, ymin == ymax 
 Images stay uint8 through every transform, so `normalize` is the single place they become float.
 
 Each `random_*` function draws per-example parameters from its key and calls a deterministic
-primitive (`shift`, `flip`, `warp` and its `rotate`, `cutout`) that tests can drive directly. `apply` runs the
-transforms chosen by `config.data.augment` (see `cnnlab.data.config.augment_config`).
+primitive (`shift`, `flip`, `warp` and its `rotate`, `cutout`) that tests can drive directly.
+`apply` runs the transforms chosen by `config.data.augment` (`cnnlab.data.config.augment_config`).
 """
 
 from __future__ import annotations
@@ -165,14 +165,14 @@ def warp(batch: Batch, matrices: jax.Array, displacement: jax.Array | None = Non
 
 def affine_matrices(degrees: jax.Array, zoom: jax.Array | None = None,
                     shear: jax.Array | None = None) -> jax.Array:
-  """(B, 2, 3) inverse maps for `warp` that rotate each image counter-clockwise (as displayed)
-  by degrees[i], then shear it by shear[i] degrees along x and magnify it by zoom[i] (> 1: larger)."""
+  """(B, 2, 3) inverse maps for `warp` that rotate each image counter-clockwise (as displayed) by
+  degrees[i], then shear it by shear[i] degrees along x and magnify it by zoom[i] (> 1: larger)."""
   theta = jnp.deg2rad(jnp.asarray(degrees, jnp.float32))
   zoom = jnp.ones_like(theta) if zoom is None else jnp.asarray(zoom, jnp.float32)
   phi = jnp.zeros_like(theta) if shear is None else jnp.deg2rad(jnp.asarray(shear, jnp.float32))
   cos, sin, tan = jnp.cos(theta), jnp.sin(theta), jnp.tan(phi)
   zero = jnp.zeros_like(theta)
-  # Forward: zoom . shear (x' = x + tan(phi) y) . rotation. Inverse: R^-1 [[1, -tan], [0, 1]] / zoom.
+  # Forward: zoom . shear (x' = x + tan(phi) y) . rotation; inverse R^-1 [[1, -tan], [0, 1]] / zoom
   rows = [jnp.stack([cos, -sin - cos * tan, zero], -1), jnp.stack([sin, cos - sin * tan, zero], -1)]
   return jnp.stack(rows, -2) / zoom[:, None, None]
 
@@ -270,7 +270,8 @@ def _check(aug_cfg: Mapping[str, Any]) -> None:
     if aug_cfg[key] < 0:
       raise DataError(f'{where}.{key} must be >= 0, got {aug_cfg[key]!r}')
   if not 0 <= aug_cfg['scale'] < 1:
-    raise DataError(f"{where}.scale must be in [0, 1) (a zoom of 1 +- scale), got {aug_cfg['scale']!r}")
+    raise DataError(f"{where}.scale must be in [0, 1) (a zoom of 1 +- scale), "
+                    f"got {aug_cfg['scale']!r}")
   if not 0 <= aug_cfg['shear'] < 90:
     raise DataError(f"{where}.shear must be in [0, 90) degrees, got {aug_cfg['shear']!r}")
   if aug_cfg['elastic_sigma'] <= 0:
@@ -281,10 +282,10 @@ def apply(aug_cfg: Mapping[str, Any], key: jax.Array, batch: Batch) -> Batch:
   """The augmentations `aug_cfg` (config.data.augment, or a dict with its keys) turns on.
 
   Pure and jittable; `aug_cfg` values are static. Order: crop, translate, affine (rotation, zoom,
-  shear and elastic distortion in one resampling), flip, cutout, mixup/cutmix. batch: 'image' (B, H, W, C) uint8, optional 'mask', 'bbox', and 'index'/'epoch'
-  for the alternating flip; the result has the same keys, shapes and dtypes, plus 'label_mix' (B,)
-  and 'mix_weight' (B,) float32 when mixup or cutmix is on (loss = w * CE(label) + (1 - w) *
-  CE(label_mix)).
+  shear and elastic distortion in one resampling), flip, cutout, mixup/cutmix. batch: 'image'
+  (B, H, W, C) uint8, optional 'mask', 'bbox', and 'index'/'epoch' for the alternating flip; the
+  result has the same keys, shapes and dtypes, plus 'label_mix' (B,) and 'mix_weight' (B,) float32
+  when mixup or cutmix is on (loss = w * CE(label) + (1 - w) * CE(label_mix)).
   """
   _check(aug_cfg)
   keys = jax.random.split(key, 6)

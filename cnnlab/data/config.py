@@ -15,7 +15,8 @@ def augment_config() -> ml_collections.ConfigDict:
   """`config.data.augment`: on-device training augmentation (`cnnlab.data.augment.apply`).
 
   Every transform is off at its zero value. They run in this order: crop, translate, affine
-  (rotate, scale, shear, elastic: one bilinear resampling), flip, cutout, mixup/cutmix. Masks and boxes follow their images through the geometric ones.
+  (rotate, scale, shear, elastic: one bilinear resampling), flip, cutout, mixup/cutmix. Masks and
+  boxes follow their images through the geometric ones.
   """
   c = ml_collections.ConfigDict()
   # Random crop after padding every side by this many pixels (CIFAR recipe: 4); 0 = off.
