@@ -10,8 +10,8 @@ commands, the variants tried and the PyTorch peer, which plateaus at the same ac
 Why this shape: at 28x28 the step is dominated by the memory-bound work around the first stage
 (batch norm, ReLU and their gradients on a 28x28x32 map), not by the convolutions' FLOPs, so the
 first convolution has stride 2 and no pool: 28 -> 14 -> 7 -> 3, the same total downsampling, about
-twice the images/s of a stride-1 first stage with max pooling. Its 5x5 kernel costs almost nothing
-at one input channel. 4,000 digits are few: the affine warp (rotation, zoom) and 25 epochs add
+twice the images/s of a stride-1 first stage with max pooling. Its 5x5 kernel costs little at one
+input channel (46.2 s against 44.9 s of wall time with 3x3). 4,000 digits are few: the affine warp (rotation, zoom) and 25 epochs add
 0.6 points over translation alone at 15 epochs (98.07% -> 98.67%, seeds 0-2).
 """
 
