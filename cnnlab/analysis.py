@@ -26,8 +26,8 @@ from cnnlab.geometry import (Field, conv_output_size, conv_transpose_output_size
 
 # Modules shown as one row each; what runs inside them is folded into their row.
 LAYER_TYPES = (layers.ConvBlock, layers.UpBlock, layers.Pool, layers.GlobalPool,
-               layers.AdaptiveAvgPool, nn.Conv, nn.ConvTranspose, nn.Dense, nn.BatchNorm,
-               nn.GroupNorm, nn.LayerNorm)
+               layers.AdaptiveAvgPool, nn.Conv, nn.ConvTranspose, nn.Dense, layers.BatchNorm,
+               nn.BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 @dataclasses.dataclass

@@ -114,3 +114,59 @@ def test_mnist5k_torch_peer_builds_the_quickstarts_network():
   quickstart = analysis.count_params(build_model(config, 10), (28, 28, 1))
   twin = mnist5k_recipes_torch.build(mnist5k_recipes_torch.QUICKSTART, dropout=0.0)
   assert sum(p.numel() for p in twin.parameters()) == quickstart == 94_698
+
+
+HLO = '''HloModule jit_run
+
+%fused_computation.1 (param_0: f32[8,4,4,2]) -> f32[2,4,4,8] {
+  %param_0 = f32[8,4,4,2]{3,2,1,0} parameter(0)
+  %transpose.1 = f32[2,4,4,8]{0,2,1,3} transpose(%param_0), dimensions={3,1,2,0}
+  ROOT %copy.1 = f32[2,4,4,8]{3,2,1,0} copy(%transpose.1)
+}
+
+%fused_computation.2 (param_0.1: f32[8,4,4,2]) -> f32[2] {
+  %param_0.1 = f32[8,4,4,2]{3,2,1,0} parameter(0)
+  %constant.1 = f32[] constant(0)
+  ROOT %reduce.1 = f32[2]{0} reduce(%param_0.1, %constant.1), dimensions={0,1,2}, to_apply=%add
+}
+
+ENTRY %main.1 (x: f32[8,4,4,2], k: f32[3,3,2,2]) -> f32[2] {
+  %x = f32[8,4,4,2]{3,2,1,0} parameter(0)
+  %k = f32[3,3,2,2]{3,2,1,0} parameter(1)
+  %conv.1 = f32[8,4,4,2]{3,2,1,0} convolution(%x, %k), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(run)/jvp(Net)/conv"}
+  %conv.2 = f32[8,4,4,2]{3,2,1,0} convolution(%conv.1, %k), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(run)/transpose(jvp(Net))/conv"}
+  %transpose_copy_fusion = f32[2,4,4,8]{3,2,1,0} fusion(%conv.2), kind=kLoop, calls=%fused_computation.1
+  %conv.3 = f32[2,3,3,2]{3,2,1,0} convolution(%transpose_copy_fusion, %transpose_copy_fusion), window={size=4x4 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(run)/transpose(jvp(Net))/conv"}
+  ROOT %reduce_fusion = f32[2]{0} fusion(%conv.2), kind=kInput, calls=%fused_computation.2
+}
+'''
+
+
+def test_profile_step_classifies_compiled_operations():
+  import profile_step
+  instructions, computations = profile_step.parse_hlo(HLO)
+  kinds = {name: profile_step.classify(name, instructions, computations)
+           for name in ('conv.1', 'conv.2', 'conv.3', 'transpose_copy_fusion', 'reduce_fusion', 'x')}
+  assert kinds == {'conv.1': 'convolution fwd', 'conv.2': 'convolution dx',
+                   'conv.3': 'convolution dw', 'transpose_copy_fusion': 'copy',
+                   'reduce_fusion': 'reduction', 'x': 'other'}
+  events = [{'name': 'conv.1', 'dur': 3000.0}, {'name': 'reduce_fusion', 'dur': 1000.0},
+            {'name': 'reduce_fusion', 'dur': 1000.0}, {'name': 'ThunkExecutor::Execute', 'dur': 9e6}]
+  summary = profile_step.summarise(events, instructions, computations, steps=2)
+  assert summary['kinds_ms'] == {'convolution fwd': 1.5, 'reduction': 1.0}
+  assert summary['total_ms'] == 2.5
+
+
+def test_profile_step_runs_on_the_real_step(tmp_path):
+  out = tmp_path / 'profile.json'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'bench', 'profile_step.py'), '--model', 'simple_cnn',
+       '--steps', '2', '--warmup', '1', '--json', str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'PYTHONPATH': ROOT})
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  result = json.loads(out.read_text())
+  assert result['model'] == 'simple_cnn' and result['batch'] == 128
+  assert {'convolution fwd', 'convolution dw', 'elementwise'} <= set(result['kinds_ms'])
+  assert result['total_ms'] == pytest.approx(sum(result['kinds_ms'].values()))
+  assert 'not in events' in proc.stdout

@@ -121,6 +121,107 @@ def test_batch_norm_train_and_eval():
   assert y.shape == (8, 6, 6, 4) and float(y.min()) >= 0  # ReLU after the norm
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('train', [True, False])
+def test_batch_norm_is_flax_batch_norm(dtype, train):
+  """Same variables, outputs, running statistics and gradients as flax.linen.BatchNorm."""
+  import flax.linen as nn
+  x = (jax.random.normal(jax.random.key(0), (4, 5, 6, 8)) * 3 + 1).astype(dtype)
+  cotangent = jax.random.normal(jax.random.key(2), x.shape).astype(dtype)
+  variables = {'params': {'scale': jnp.linspace(0.5, 1.5, 8), 'bias': jnp.linspace(-1, 1, 8)},
+               'batch_stats': {'mean': jnp.linspace(0, 1, 8), 'var': jnp.linspace(1, 2, 8)}}
+
+  def loss(module, variables, x):
+    with jax.numpy_dtype_promotion('standard'):  # Flax promotes a bfloat16 input to its stats
+      y, updates = module.apply(variables, x, mutable=['batch_stats'])
+    return jnp.sum(y.astype(jnp.float32) * cotangent.astype(jnp.float32)), (y, updates)
+
+  out = {}
+  for name, module in (('flax', nn.BatchNorm(not train, momentum=0.9, dtype=dtype)),
+                       ('cnnlab', layers.BatchNorm(not train, momentum=0.9, dtype=dtype))):
+    with jax.numpy_dtype_promotion('standard'):
+      init = module.init(jax.random.key(1), x)
+    (_, (y, updates)), grads = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(
+        module, variables, x)
+    out[name] = (jax.tree.structure(init), y, updates, grads)
+  assert out['flax'][0] == out['cnnlab'][0]
+  assert out['cnnlab'][1].dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for a, b in zip(jax.tree.leaves(out['flax'][1:]), jax.tree.leaves(out['cnnlab'][1:])):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol,
+                               atol=tol)
+
+
+def test_batch_norm_gradient_matches_torch():
+  """The hand-written gradient of batch_norm_train against PyTorch's autograd, training mode."""
+  x = np.random.RandomState(3).randn(6, 5, 4, 7).astype(np.float32) * 2 + 0.5
+  scale, bias = np.linspace(0.5, 2, 7, dtype=np.float32), np.linspace(-1, 1, 7, dtype=np.float32)
+  cotangent = np.random.RandomState(4).randn(*x.shape).astype(np.float32)
+  f = lambda x, s, b: jnp.sum(layers.batch_norm_train(x, s, b, 1e-5, None, jnp.float32)[0]
+                              * cotangent)
+  grads = jax.grad(f, argnums=(0, 1, 2))(x, scale, bias)
+  tx = nchw(x).requires_grad_()
+  ts, tb = (torch.tensor(v, requires_grad=True) for v in (scale, bias))
+  y = F.batch_norm(tx, None, None, ts, tb, training=True, eps=1e-5)
+  (y * nchw(cotangent)).sum().backward()
+  np.testing.assert_allclose(grads[0], nhwc(tx.grad), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grads[1], ts.grad.numpy(), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grads[2], tb.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_cross_replica_batch_norm_equals_one_device_on_the_whole_batch():
+  """Under pmap the statistics and the input's gradient span the replicas; parameter gradients
+  are each replica's own (the train step averages them)."""
+  n = 4
+  x = np.random.RandomState(5).randn(n * 3, 4, 4, 6).astype(np.float32) + 1
+  cotangent = np.random.RandomState(6).randn(*x.shape).astype(np.float32)
+  scale, bias = np.linspace(0.5, 2, 6, dtype=np.float32), np.zeros(6, np.float32)
+
+  def loss(x, s, b, ct, axis_name):
+    y, mean, var = layers.batch_norm_train(x, s, b, 1e-5, axis_name, jnp.float32)
+    return jnp.sum(y * ct), (y, mean, var)
+
+  (_, whole), whole_grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+      x, scale, bias, cotangent, None)
+  shard = lambda a: a.reshape(n, -1, *a.shape[1:])
+  (_, split), split_grads = jax.pmap(
+      jax.value_and_grad(lambda *a: loss(*a, 'r'), argnums=(0, 1, 2), has_aux=True),
+      axis_name='r', in_axes=(0, None, None, 0), devices=jax.devices()[:n])(
+          shard(x), scale, bias, shard(cotangent))
+  np.testing.assert_allclose(split[0].reshape(x.shape), whole[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(split[1][0], whole[1], rtol=1e-5, atol=1e-6)  # one mean everywhere
+  np.testing.assert_allclose(split[2][0], whole[2], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(split_grads[0].reshape(x.shape), whole_grads[0], rtol=1e-4, atol=1e-5)
+  for i in (1, 2):  # the replicas' parameter gradients add up to the whole batch's
+    np.testing.assert_allclose(split_grads[i].sum(0), whole_grads[i], rtol=1e-4, atol=1e-4)
+
+
+def test_channel_sum_on_cpu_and_elsewhere(monkeypatch):
+  x = jax.random.normal(jax.random.key(0), (3, 4, 5, 6), jnp.bfloat16)
+  expected = np.asarray(x, np.float64).sum(axis=(0, 1, 2))
+  cpu = layers.channel_sum(x)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # the jnp.sum path
+  other = layers.channel_sum(x)
+  for got in (cpu, other):
+    assert got.dtype == jnp.float32 and got.shape == (6,)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_relu_has_relu_values_and_gradients_ties_included():
+  y = jnp.array([-2.0, -1.0, 0.0, 0.0, 1.0, 0.5, -0.5])
+  shortcut = jnp.array([1.0, 1.0, 0.0, 2.0, -1.0, 0.0, 3.0])  # sums: -1, 0, 0, 2, 0, 0.5, 2.5
+  reference = lambda y, s: jax.nn.relu(y + s)
+  for act in ('relu', jax.nn.relu):
+    fn = lambda y, s: layers.residual_activation(y, s, act)
+    np.testing.assert_array_equal(fn(y, shortcut), reference(y, shortcut))
+    for argnum in (0, 1):
+      np.testing.assert_array_equal(jax.grad(lambda *a: jnp.sum(fn(*a)), argnum)(y, shortcut),
+                                    jax.grad(lambda *a: jnp.sum(reference(*a)), argnum)(y, shortcut))
+  np.testing.assert_allclose(layers.residual_activation(y, shortcut, 'gelu'),
+                             jax.nn.gelu(y + shortcut), rtol=1e-6)
+  np.testing.assert_array_equal(layers.residual_activation(y, shortcut, 'none'), y + shortcut)
+
+
 def test_group_and_layer_norm_choose_valid_groups():
   for norm in ('group', 'layer'):
     y, v = jax.jit(layers.ConvBlock(12, 3, norm=norm, num_groups=8).init_with_output)(
