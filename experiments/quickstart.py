@@ -3,8 +3,8 @@
   cnnlab train --config experiments/quickstart.py --workdir runs/quickstart
 
 Target: >= 99.0% test accuracy within 60 s wall time on a 2-core CPU, compilation included,
-deterministic for a seed. NOT met: 98.8% in 46.2 s of wall time with seed 0 (98.73% +- 0.12 over
-seeds 0-2), on the 2-core AMD EPYC VM (2026-11-30; the README's "Quickstart status" gives the
+deterministic for a seed. NOT met: 98.5% in 40.1 s of wall time with seed 0 (mean 98.56% over
+seeds 0-4), on the 2-core AMD EPYC VM (2026-11-30; the README's "Quickstart status" gives the
 commands, the variants tried and the PyTorch peer, which plateaus at the same accuracy).
 
 Why this shape: at 28x28 the step is dominated by the memory-bound work around the first stage
