@@ -341,7 +341,7 @@ class Pool(nn.Module):
     strides = (1,) + tuple(d[1] for d in dims) + (1,)
     pads = ((0, 0),) + tuple((lo, hi + extra) for _, _, (lo, hi), extra in dims) + ((0, 0),)
     if self.kind == 'max':
-      return _max_pool(x, window[1:3], strides[1:3], pads[1:3], out)
+      return _max_pool(x, window[1:3], strides[1:3], pads[1:3], tuple(out))
     summed = lax.reduce_window(x, 0.0, lax.add, window, strides, pads)
     # Divisor per output cell: the cells each window covers that count (static, built in numpy).
     spatial = np.ones(x.shape[1:3], np.float32)
@@ -355,25 +355,60 @@ class Pool(nn.Module):
     return summed / counts[None, :, :, None].astype(summed.dtype)
 
 
+def _window_views(padded: jax.Array, window, strides, out) -> list[tuple[int, int, jax.Array]]:
+  """(i, j, view) for each cell (i, j) of the window, row-major: the strided (B, out..., C) slice."""
+  views = []
+  for i in range(window[0]):
+    for j in range(window[1]):
+      limit = (padded.shape[0], i + strides[0] * (out[0] - 1) + 1,
+               j + strides[1] * (out[1] - 1) + 1, padded.shape[3])
+      views.append((i, j, lax.slice(padded, (0, i, j, 0), limit, (1, *strides, 1))))
+  return views
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _max_pool(x: jax.Array, window, strides, pads, out) -> jax.Array:
   """Max pooling as the elementwise maximum of the window's strided views of the -inf-padded input.
 
   The same values as `lax.reduce_window(x, -inf, max, ...)`, but a far cheaper gradient on CPU:
   XLA:CPU expands reduce_window's (select-and-scatter) into index iotas, a variadic reduce-window
   and a scatter, about 23 ms for a 128x14x14x64 map where this takes 0.5 ms (`bench/README.md`).
-  Where several cells of a window tie for the maximum, the gradient is shared between them
-  (PyTorch and reduce_window give it to one); after a ReLU such ties are zeros, whose gradient
-  the ReLU discards anyway.
+  The gradient is written out (`_max_pool_bwd`): each output's gradient goes to the first cell of
+  its window, in row-major order, that holds the maximum, as in PyTorch. (Autodiff of the maximum
+  chain would share it between tied cells, through selects and divisions that cost 0.4 s a step in
+  GoogLeNet's bfloat16 pools.)
   """
+  return _max_pool_fwd(x, window, strides, pads, out)[0]
+
+
+def _max_pool_fwd(x, window, strides, pads, out):
   padded = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
   result = None
-  for i in range(window[0]):
-    for j in range(window[1]):
-      view = lax.slice(padded, (0, i, j, 0),
-                       (x.shape[0], i + strides[0] * (out[0] - 1) + 1,
-                        j + strides[1] * (out[1] - 1) + 1, x.shape[3]), (1, *strides, 1))
-      result = view if result is None else jnp.maximum(result, view)
-  return result
+  for _, _, view in _window_views(padded, window, strides, out):
+    result = view if result is None else jnp.maximum(result, view)
+  return result, (padded, result)
+
+
+def _max_pool_bwd(window, strides, pads, out, residuals, g):
+  padded, result = residuals
+  taken = jnp.zeros(result.shape, bool)
+  grad = jnp.zeros(padded.shape, g.dtype)
+  zero = jnp.zeros((), g.dtype)
+  for i, j, view in _window_views(padded, window, strides, out):
+    first = (view == result) & ~taken
+    taken = taken | first
+    # Back to the view's cells of the padded input: the transpose of the strided slice.
+    config = [(0, 0, 0),
+              (i, padded.shape[1] - i - strides[0] * (out[0] - 1) - 1, strides[0] - 1),
+              (j, padded.shape[2] - j - strides[1] * (out[1] - 1) - 1, strides[1] - 1),
+              (0, 0, 0)]
+    grad = grad + lax.pad(jnp.where(first, g, zero), zero, config)
+  (lo_h, _), (lo_w, _) = pads
+  h, w = padded.shape[1] - sum(pads[0]), padded.shape[2] - sum(pads[1])
+  return (grad[:, lo_h:lo_h + h, lo_w:lo_w + w, :],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def make_pool(kind: str, window: IntOrPair = 2, strides: IntOrPair | None = None,

@@ -83,6 +83,22 @@ def test_max_pool_gradient_matches_torch(images, ceil_mode, window, stride, padd
   np.testing.assert_allclose(grad, nhwc(x.grad), atol=1e-6)
 
 
+@pytest.mark.parametrize('window,stride,padding', [(3, 2, 1), (2, 2, 0), (3, 1, 1)])
+def test_max_pool_gradient_with_ties_goes_to_the_first_maximum_as_in_torch(window, stride, padding):
+  """Few distinct values, so windows tie: each output's gradient goes to the first maximal cell in
+  row-major order, as PyTorch's; in bfloat16 too."""
+  x = np.random.RandomState(2).randint(0, 3, (2, 9, 9, 3)).astype(np.float32)
+  pool = layers.Pool('max', window, stride, padding=padding)
+  weights = np.random.RandomState(3).randn(*pool.apply({}, x).shape).astype(np.float32)
+  t = nchw(x).requires_grad_(True)
+  (F.max_pool2d(t, window, stride, padding) * nchw(weights)).sum().backward()
+  for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)):
+    grad = jax.grad(lambda v: jnp.sum(pool.apply({}, v).astype(jnp.float32) * weights))(
+        jnp.asarray(x, dtype))
+    assert grad.dtype == dtype
+    np.testing.assert_allclose(np.asarray(grad, np.float32), nhwc(t.grad), atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize('out', [1, 3, (4, 6), 7])
 def test_adaptive_avg_pool_matches_torch(images, out):
   np.testing.assert_allclose(layers.AdaptiveAvgPool(out).apply({}, images),
