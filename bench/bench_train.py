@@ -12,7 +12,7 @@ are its own. A row reports images/s = batch / median step time over --steps time
 
 cnnlab  the step `cnnlab train` runs: `cnnlab.train.loop.setup(config)` on the model's experiment
         file with the overrides below (dataset `synthetic`, device pipeline: the batch is drawn,
-        normalised and cast inside the one jitted step), `.compile_train`, `.lower().compile()`.
+        normalised and cast inside the one jitted step), `Run.compile_train` (which compiles).
         Compile s = trace + lower + compile, as train_and_evaluate's compile_time_s.
 torch_nchw / torch_cl
         the torchvision-structured twin in bench/torch_models.py, eager, NCHW or channels-last.
@@ -124,11 +124,9 @@ def child_cnnlab(spec: dict) -> dict:
   if num_params != spec['expected_params']:
     raise AssertionError(f"cnnlab {spec['model']}: {num_params:,} parameters, the benchmark "
                          f"expects {spec['expected_params']:,} (update MODELS or the model)")
-  train_fn, data_arg = run.compile_train(state)
   setup_s = time.perf_counter() - started
   t = time.perf_counter()
-  if run.par.strategy == 'jit':  # pmap compiles at its first call (then first_step_s has it)
-    train_fn = train_fn.lower(state, data_arg).compile()
+  train_fn, data_arg = run.compile_train(state)  # compiles ahead, under jit and pmap
   compile_s = time.perf_counter() - t
   times, losses = [], []
   for _ in range(spec['warmup'] + spec['steps']):

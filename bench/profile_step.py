@@ -166,8 +166,7 @@ def build_step(model: str, dtype: str, batch: int | None):
   from cnnlab.train.loop import setup
   run = setup(config)
   state = run.par.place_state(run.initial_state())
-  train_fn, data_arg = run.compile_train(state)
-  compiled = train_fn.lower(state, data_arg).compile()
+  compiled, data_arg = run.compile_train(state)
   return compiled, state, data_arg, batch
 
 

@@ -19,8 +19,17 @@ def _shape(text: str) -> tuple[int, ...]:
   return shape
 
 
+def _import_user_modules(modules: Sequence[str]) -> None:
+  """Imports the modules that register a user's models, from the current directory first."""
+  from cnnlab import models
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
+  models.import_modules(modules)
+
+
 def _summary(args: argparse.Namespace) -> int:
   from cnnlab import analysis, models
+  _import_user_modules(args.imports or ())
   overrides = {}
   if args.num_classes is not None:
     overrides['num_classes'] = args.num_classes
@@ -39,6 +48,7 @@ def _summary(args: argparse.Namespace) -> int:
 
 def _models(args: argparse.Namespace) -> int:
   from cnnlab import models
+  _import_user_modules(args.imports or ())
   for name in models.list_models():
     spec = models.get_spec(name)
     print(f'{name:14s} input {"x".join(map(str, spec.input_shape)):10s} classes {spec.num_classes}')
@@ -56,7 +66,7 @@ def _split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
       key = arg[len('--config.'):]
       if '=' not in key:
         if i + 1 >= len(argv):
-          raise SystemExit(f'cnnlab: error: {arg} needs a value')
+          build_parser().error(f'{arg} needs a value (--config.KEY=VALUE)')  # exits 2
         key, i = f'{key}={argv[i + 1]}', i + 1
       overrides.append(key)
     else:
@@ -66,20 +76,10 @@ def _split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _train(args: argparse.Namespace) -> int:
-  from cnnlab import config as config_lib, parallel
-  config = config_lib.load(args.config, args.overrides)
-  if 'device_count' not in os.environ.get('XLA_FLAGS', ''):
-    parallel.configure_cpu_devices(config.parallel.cpu_devices)
-  else:  # the caller split the CPU itself (tests, launchers)
-    parallel.patient_cpu_collectives()
-    parallel.fast_cpu_flags()
-  parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-  from cnnlab.train.loop import train_and_evaluate
-  summary = train_and_evaluate(config, args.workdir)
-  final = summary['final_eval'] or {}
-  print(f"done: {summary['steps']} steps, test accuracy {final.get('accuracy', float('nan')):.4f}, "
-        f"loss {final.get('loss', float('nan')):.4f}, wall {summary['wall_time_s']:.1f}s "
-        f"(compile {summary['compile_time_s']:.1f}s) -> {args.workdir}/summary.json")
+  from cnnlab import train
+  summary = train.launch(args.config, args.workdir, args.overrides, coordinator=args.coordinator,
+                         num_processes=args.num_processes, process_id=args.process_id)
+  print(train.done_line(summary, args.workdir))
   return 0
 
 
@@ -91,23 +91,25 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-  from cnnlab import sweep, sweep_runner
-  points = sweep.plan(args.config, args.root, args.overrides)
+  from cnnlab.sweeps import plan, runner
+  points = plan.plan(args.config, args.root, args.overrides)
   if args.index is not None:
-    points = sweep.select(points, args.index)
+    points = plan.select(points, args.index)
   if args.count or args.dry_run:
-    print(len(points) if args.count else sweep.describe(points, args.config, args.root, args.overrides))
+    print(len(points) if args.count else plan.describe(points, args.config, args.root, args.overrides))
     return 0
   argv = ['sweep', '--config', args.config, '--root', args.root, '--workers', str(args.workers),
           *(['--index', args.index] if args.index else []), *(f'--config.{o}' for o in args.overrides)]
-  outcomes = sweep_runner.run(points, args.root, workers=args.workers, argv=argv)
-  return sweep_runner.conclude(outcomes, args.root)
+  outcomes = runner.run(points, args.root, workers=args.workers, argv=argv)
+  return runner.conclude(outcomes, args.root)
 
 
 def _report(args: argparse.Namespace) -> int:
-  from cnnlab import report
+  from cnnlab.sweeps import report
   paths = report.write(args.root, plots=not args.no_plots)
   print(open(paths['markdown'], encoding='utf-8').read())
+  for note in paths.get('notes', []):
+    print(f'cnnlab report: {note}', file=sys.stderr)
   print(f'wrote {paths["csv"]}, {paths["markdown"]} and {len(paths["plots"])} plots')
   return 0
 
@@ -123,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--set', action='append', metavar='KEY=VALUE',
                  help='model argument override, value parsed as JSON when it can be')
   p.add_argument('--json', action='store_true', help='print the table as JSON')
+  p.add_argument('--import', dest='imports', action='append', metavar='MODULE',
+                 help='a module registering your own models (importable from here), repeatable')
   p.set_defaults(func=_summary)
 
   p = sub.add_parser('train', help='train and evaluate an experiment config',
@@ -157,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=_prepare)
 
   p = sub.add_parser('models', help='list the registered models')
+  p.add_argument('--import', dest='imports', action='append', metavar='MODULE',
+                 help='a module registering your own models (importable from here), repeatable')
   p.set_defaults(func=_models)
   return parser
 
@@ -170,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return args.func(args)
   except ValueError as e:  # bad input: a clear message, no traceback
-    print(f'cnnlab {args.command}: error: {e}', file=sys.stderr)
+    print(f'cnnlab {args.command}: error: {e}', file=sys.stderr)  # train: train.ERROR_PREFIX
     return 2
 
 

@@ -1,9 +1,10 @@
 """Experiment configs: load a config file, apply `--config.a.b=value` overrides, validate.
 
-A config file defines `get_config()` returning an ml_collections.ConfigDict (built on
-`experiments/base.py`). The loaded config is locked: every override must name an existing key (a
-misspelt one fails with a suggestion) and keep its type. `validate` collects every problem before
-anything compiles or any directory is written.
+A config file defines `get_config()` returning an ml_collections.ConfigDict built on
+`cnnlab.configs.base`. A loaded config has exactly the base config's keys (plus the model's
+arguments under `model`, which the model checks): a key the file added or misspelt fails with a
+suggestion, as does an override of a key that does not exist or with a value of another type.
+`validate` collects every other problem before anything compiles or any directory is written.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any, Sequence
 
 import ml_collections
 
-DTYPES = ('float32', 'bfloat16', 'float16')
 OPTIMIZERS = ('sgd', 'adam', 'adamw', 'lamb')
 SCHEDULES = ('constant', 'cosine', 'piecewise', 'onecycle', 'triangular')
 STRATEGIES = ('jit', 'pmap')
@@ -29,33 +29,97 @@ class ConfigError(ValueError):
 
 
 def load_module(path: str):
-  """Imports a config file by path (its directory goes on sys.path, so `import base` works)."""
+  """Imports a config file by path (its directory goes on sys.path, so it can import the files
+  beside it). A missing file, a syntax error or an exception while importing it is a ConfigError
+  naming the file and line."""
   if not os.path.isfile(path):
     raise ConfigError(f'config file {path!r} does not exist')
   directory = os.path.dirname(os.path.abspath(path))
-  parent = os.path.dirname(directory)
-  for p in (directory, parent):
-    if p not in sys.path:
-      sys.path.insert(0, p)
+  if directory not in sys.path:
+    sys.path.insert(0, directory)
   name = f'_cnnlab_config_{abs(hash(os.path.abspath(path)))}'
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'{e.filename}:{e.lineno}: syntax error in the config file: {e.msg}') from None
+  except Exception as e:  # noqa: BLE001 - the user's file: say where it failed, not our stack
+    raise ConfigError(f'{_where(e, path)}: importing the config file failed: '
+                      f'{type(e).__name__}: {e}') from None
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path!r} defines no get_config()')
   return module
 
 
+def _where(error: BaseException, path: str) -> str:
+  """'file:line' of the innermost frame of `error` in the config file `path` (else the file)."""
+  import traceback
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return f'{path}:{frames[-1].lineno}' if frames else path
+
+
 def load(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """`get_config()` of the file at `path`, locked, with `key=value` overrides applied."""
-  config = load_module(path).get_config()
+  """`get_config()` of the file at `path`, checked against the base config, locked, with
+  `key=value` overrides applied."""
+  module = load_module(path)
+  try:
+    config = module.get_config()
+  except Exception as e:  # noqa: BLE001
+    raise ConfigError(f'{_where(e, path)}: get_config() failed: {type(e).__name__}: {e}') from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'get_config() of {path!r} must return an ml_collections.ConfigDict, got '
+                      f'{type(config).__name__}')
+  check_keys(config, path)
   config.lock()
   for item in overrides:
     key, sep, value = item.partition('=')
     if not sep:
       raise ConfigError(f'override {item!r} must look like key=value (e.g. train.batch_size=64)')
     set_value(config, key.strip(), parse_value(value))
+  check_model_keys(config)
   return config
+
+
+def check_model_keys(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a key under `model` that is not an argument of the model (with a
+  suggestion), once the model's module is imported; an unknown model is `validate`'s to report."""
+  from cnnlab import models
+  try:
+    models.import_modules(config.model.imports)
+    fields = models.get_spec(config.model.name).fields
+  except ValueError:
+    return
+  unknown = [k for k in config.model if k not in ('name', 'imports') and k not in fields]
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], sorted(fields), n=1, cutoff=0.6)
+    hint = f" Did you mean 'model.{close[0]}'?" if close else ''
+    raise ConfigError(f"unknown config key 'model.{unknown[0]}': model {config.model.name!r} has "
+                      f"no argument {unknown[0]!r}.{hint} Its arguments: {', '.join(sorted(fields))}")
+
+
+def check_keys(config: ml_collections.ConfigDict, source: str) -> None:
+  """Raises ConfigError if `config` (from `source`) has a key the base config does not (a
+  misspelt one gets a suggestion) or lacks one it has. `model.*` keys are the model's business:
+  `validate` checks them against its arguments."""
+  from cnnlab.configs import base
+  reference = base.get_config()
+  known, have = set(flat_keys(reference)), set(flat_keys(config))
+  in_model = lambda key: key.startswith('model.')  # noqa: E731
+  unknown = sorted(k for k in have - known if not in_model(k))
+  missing = sorted(k for k in known - have if not in_model(k) or k in ('model.name', 'model.imports'))
+  problems = []
+  for key in unknown:
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ''
+    problems.append(f'unknown config key {key!r}.{hint}')
+  if missing:
+    problems.append(f'keys of the base config missing: {", ".join(missing[:5])}'
+                    f'{" ..." if len(missing) > 5 else ""} (build the config on '
+                    'cnnlab.configs.base.get_config())')
+  if problems:
+    raise ConfigError(f'{source}: ' + '; '.join(problems))
 
 
 def parse_value(text: str) -> Any:
@@ -98,6 +162,12 @@ def set_value(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       raise unknown_key_error(config, key)
     node = node[part]
+  if parents == ['model'] and isinstance(node, ml_collections.ConfigDict) and leaf not in node:
+    # Any argument of the model may be set, listed in the experiment or not: the model checks
+    # the names when the config is validated (a misspelt one fails there, with a suggestion).
+    with node.unlocked():
+      node[leaf] = tuple(value) if isinstance(value, list) else value
+    return
   if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
     raise unknown_key_error(config, key)
   if isinstance(node[leaf], ml_collections.ConfigDict):
@@ -149,14 +219,6 @@ def from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(tuples(json.loads(text)))
 
 
-def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The model's arguments: config.model minus the keys cnnlab itself reads."""
-  kwargs = {k: v for k, v in config.model.to_dict().items() if k not in ('name', 'imports')}
-  if kwargs.get('num_classes') is None:
-    kwargs.pop('num_classes', None)
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-
-
 def validate(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Checks the whole config before anything compiles or any directory is written.
 
@@ -177,7 +239,7 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, Any]:
     check(value in options, f'{key}={value!r}: expected one of {tuple(options)}')
 
   check(isinstance(config.seed, int) and config.seed >= 0, f'seed={config.seed!r}: expected an int >= 0')
-  choice('dtype', DTYPES)
+  choice('dtype', tuple(models.DTYPES))
   choice('optim.name', OPTIMIZERS)
   choice('optim.schedule', SCHEDULES)
   choice('parallel.strategy', STRATEGIES)
@@ -242,7 +304,8 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, Any]:
           f'{info.num_classes} classes')
   try:
     models.import_modules(config.model.imports)
-    models.create_model(config.model.name, **{**model_kwargs(config), 'num_classes': num_classes or 1})
+    models.create_model(config.model.name,
+                        **{**models.model_kwargs(config.model), 'num_classes': num_classes or 1})
   except ValueError as e:
     errors.append(f'model: {e}')
   if errors:

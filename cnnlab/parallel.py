@@ -198,37 +198,44 @@ class Parallel:
 
   # ---- steps ----
 
-  def compile_train(self, train_step: Callable, batch_fn: Callable | None, state, data) -> Callable:
-    """`run(state, data) -> (state, metrics)`: data is the device pipeline's arrays (batch drawn
-    inside the step by `batch_fn(arrays, step)`) or, with batch_fn None, a global batch."""
+  def compile_train(self, preprocess: Callable, update: Callable, batch_fn: Callable | None,
+                    state, data) -> Callable:
+    """`run(state, data) -> (state, metrics)`, compiled now for these arguments' shapes (so the
+    caller can time compilation apart from training, under either strategy).
+
+    The step is update(state, *preprocess(state, batch)): preprocess(state, batch) -> (images,
+    batch) augments and normalises a global batch, update(state, images, batch) -> (state,
+    metrics) takes the gradient step. `data` is the device pipeline's arrays, from which
+    `batch_fn(arrays, step)` draws the batch inside the step, or, with batch_fn None, a global
+    batch. Under pmap every device preprocesses the global batch, exactly as under jit, and
+    updates on its own slice.
+    """
+    draw = lambda state, data: data if batch_fn is None else batch_fn(data, state.step)  # noqa: E731
     if self.strategy == 'pmap':
-      return self._pmap_train(train_step, batch_fn)
+      return self._pmap_train(preprocess, update, draw, batch_fn is None, state, data)
+
     def run(state, data):
-      batch = data if batch_fn is None else batch_fn(data, state.step)
-      return train_step(state, batch)
+      return update(state, *preprocess(state, draw(state, data)))
     data_sharding = jax.tree.map(lambda _: self.replicated if batch_fn else self.batch_sharding, data)
     state_sharding = self.state_shardings(state)
     return jax.jit(run, in_shardings=(state_sharding, data_sharding),
-                   out_shardings=(state_sharding, self.replicated), donate_argnums=0)
+                   out_shardings=(state_sharding, self.replicated),
+                   donate_argnums=0).lower(state, data).compile()
 
-  def _pmap_train(self, train_step: Callable, batch_fn: Callable | None) -> Callable:
+  def _pmap_train(self, preprocess, update, draw, stack_data: bool, state, data) -> Callable:
     n = self.num_devices
 
     def run(state, data):
-      batch = data if batch_fn is None else batch_fn(data, state.step)
-      from cnnlab.train.step import preprocess  # the global batch, augmented as under jit
-      images, batch = preprocess(state, batch, train_step.settings)
+      images, batch = preprocess(state, draw(state, data))
       index = lax.axis_index(AXIS)
       local = lambda x: lax.dynamic_slice_in_dim(x, index * (x.shape[0] // n), x.shape[0] // n)
-      images, batch = local(images), jax.tree.map(local, batch)
-      return train_step.update(state, images, batch)
+      return update(state, local(images), jax.tree.map(local, batch))
 
-    stepped = jax.pmap(run, axis_name=AXIS, donate_argnums=0)
+    stack = self.stack_replicas if stack_data else (lambda tree: tree)
+    compiled = jax.pmap(run, axis_name=AXIS, donate_argnums=0).lower(state, stack(data)).compile()
 
     def call(state, data):
-      if batch_fn is None:
-        data = self.stack_replicas(data)
-      new_state, metrics = stepped(state, data)
+      new_state, metrics = compiled(state, stack(data))
       return new_state, jax.tree.map(lambda x: x[0], metrics)
     return call
 

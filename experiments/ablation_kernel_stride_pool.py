@@ -12,9 +12,9 @@ one-cycle schedule), evaluated on the 1,000 test digits. The stride-1, no-poolin
 (both stages at 28x28). Measured wall time and results: README ("Ablation sweeps").
 """
 
-import base
+from cnnlab.configs import base
 
-from cnnlab import sweep
+from cnnlab import sweeps
 
 
 def get_config():
@@ -45,7 +45,7 @@ def get_config():
 
 
 def get_sweep():
-  return sweep.with_seeds(sweep.grid({
+  return sweeps.with_seeds(sweeps.grid({
       'model.kernel_size': [3, 5, 7],
       'model.stride': [1, 2],
       'model.pool': ['max', 'avg', 'none'],

@@ -8,7 +8,7 @@ Benchmark without the dataset (random images of the same shape, generated on the
       --config.data.name=synthetic --config.train.num_steps=50
 """
 
-import base
+from cnnlab.configs import base
 
 
 def get_config():

@@ -6,7 +6,7 @@ The auxiliary heads (after 4a and 4d) add 0.3 x their cross-entropy to the loss 
 as in Szegedy et al. 2014; evaluation uses the main head only.
 """
 
-import base
+from cnnlab.configs import base
 
 
 def get_config():

@@ -9,7 +9,7 @@ The recipe of Goyal et al. 2017: batch 1024, SGD momentum, lr 0.4 (0.1 per 256) 
 epochs, cosine to 0, weight decay 5e-5 off the norms, label smoothing 0.1, last-norm zero init.
 """
 
-import base
+from cnnlab.configs import base
 
 
 def get_config():

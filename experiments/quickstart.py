@@ -15,7 +15,7 @@ input channel (46.2 s against 44.9 s of wall time with 3x3). 4,000 digits are fe
 0.6 points over translation alone at 15 epochs (98.07% -> 98.67%, seeds 0-2).
 """
 
-import base
+from cnnlab.configs import base
 
 
 def get_config():

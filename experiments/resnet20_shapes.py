@@ -6,7 +6,7 @@ Shapes vary in position, scale, rotation, colour and background texture, so the 
 learn shape, not colour or location.
 """
 
-import base
+from cnnlab.configs import base
 
 
 def get_config():

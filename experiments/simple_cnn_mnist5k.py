@@ -6,7 +6,7 @@
 no augmentation, Adam.
 """
 
-import base
+from cnnlab.configs import base
 
 
 def get_config():

@@ -18,3 +18,60 @@ jax.devices()  # start the backend now, with this environment
 # Subprocesses the tests start size their own pool from their own device count.
 os.environ.pop('PJRT_NPROC', None)
 jax.config.update('jax_numpy_dtype_promotion', 'strict')
+
+
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def shared_root(tmp_path_factory, request):
+  """A directory shared by the xdist workers of this test run and no other run."""
+  worker = getattr(request.config, 'workerinput', None)
+  base = tmp_path_factory.getbasetemp()
+  root = (base.parent / f"cnnlab-session-{worker['testrunuid']}" if worker
+          else base / 'cnnlab-session')
+  root.mkdir(exist_ok=True)
+  return root
+
+
+@contextlib.contextmanager
+def session_lock(root, name):
+  """Holds ROOT/NAME.lock (across the xdist workers) and yields ROOT/NAME: what is built inside is
+  built once per run, whichever worker gets there first."""
+  with open(root / f'{name}.lock', 'w') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield root / name
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def shared_compilation_cache(shared_root):
+  """One persistent XLA cache for the whole run, shared by the xdist workers: many tests build the
+  same small models and steps, and a step compiled once is loaded by the next test that needs it.
+  (Runs that set config.compilation_cache_dir='' do not turn it off; they just do not set one.)"""
+  directory = shared_root / 'xla_cache'
+  jax.config.update('jax_compilation_cache_dir', str(directory))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  yield
+
+
+@pytest.fixture(scope='session')
+def shared_data_dir(shared_root):
+  """One data directory for the run's embedded datasets, shared by the xdist workers: each
+  dataset is generated once (cnnlab.data locks a dataset while it generates it)."""
+  return str(shared_root / 'datasets')
+
+
+@pytest.fixture(autouse=True)
+def registry_unchanged():
+  """A test that registers a model must take it away again (monkeypatch the registry)."""
+  from cnnlab import models
+  before = models.list_models()
+  yield
+  assert models.list_models() == before, 'a test left a model in the global registry'

@@ -6,9 +6,7 @@ Subprocess runs use 2 CPU devices and share one compilation cache (a run with th
 executable the first run compiled, as users' runs do by default), so each costs a few seconds.
 """
 
-import contextlib
 import errno
-import fcntl
 import json
 import os
 import pickle
@@ -26,9 +24,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import cnnlab
-from cnnlab import checkpoint, cli, data, parallel
-from cnnlab.train import loop, resume
-from cnnlab.train.logging import read_metrics
+from cnnlab import cli, data, parallel, workdir as workdir_lib
+from conftest import session_lock
+from cnnlab.train import checkpoint, loop, resume
+from cnnlab.workdir import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, 'experiments')
@@ -36,9 +35,7 @@ EXPERIMENTS = os.path.join(ROOT, 'experiments')
 # 8x8 digits, SGD with Nesterov momentum and weight decay, a onecycle schedule and augmentation, so
 # parameters, batch statistics, optimizer state and the RNG all matter to an exact resume.
 EXPERIMENT = """
-import sys
-sys.path.insert(0, {experiments!r})
-import base
+from cnnlab.configs import base
 
 def get_config():
   c = base.get_config()
@@ -76,28 +73,9 @@ LONG = dict(train__num_steps=150, train__eval_every_steps=50)
 # ---- shared, built once per test session (across xdist workers) ----
 
 @pytest.fixture(scope='session')
-def shared_root(tmp_path_factory, testrun_uid):
-  """A directory shared by the xdist workers of this session and no other session (without
-  xdist, getbasetemp().parent is shared by every session of the user)."""
-  root = tmp_path_factory.getbasetemp().parent / f'cnnlab-session-{testrun_uid}'
-  root.mkdir(exist_ok=True)
-  return root
-
-
-@contextlib.contextmanager
-def _session_lock(root, name):
-  with open(root / f'{name}.lock', 'w') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield root / name
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@pytest.fixture(scope='session')
 def data_dir(shared_root):
   """The digits dataset, prepared once, and the tests' experiment file beside it."""
-  with _session_lock(shared_root, 'ckpt_datasets') as path:
+  with session_lock(shared_root, 'ckpt_datasets') as path:
     if not (path / 'ready').exists():
       data.prepare('digits', str(path))
       (path.parent / 'ckpt_experiment.py').write_text(
@@ -135,8 +113,8 @@ def env():
 # commit), so the interesting moments are hit deterministically.
 DRIVER = r'''
 import os, signal, sys, time
-from cnnlab import checkpoint, cli
-from cnnlab.train import resume
+from cnnlab import cli, workdir as workdir_lib
+from cnnlab.train import checkpoint, resume
 fault, at = os.environ['FAULT'], int(os.environ['FAULT_STEP'])
 commit = int(os.environ.get('COMMIT_STEP', '-1'))  # wait for this save to commit before going on
 save = checkpoint.Checkpointer.save
@@ -176,7 +154,7 @@ def run_cli(args, fault=None, at=None, commit=None, timeout=900):
 
 
 def uninterrupted(shared_root, data_dir, cache_dir, name, **overrides):
-  with _session_lock(shared_root, name) as workdir:
+  with session_lock(shared_root, name) as workdir:
     if not (workdir / 'summary.json').exists():
       result = run_cli(cli_args(workdir, data_dir, cache_dir, **overrides))
       assert result.returncode == 0, result.stderr[-3000:]
@@ -242,7 +220,10 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, data_dir, cache_dir,
 
   resumed = run_cli(args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert json.load(open(workdir / 'summary.json'))['start_step'] == 20
+  summary = json.load(open(workdir / 'summary.json'))
+  # The summary describes the whole run: both launches, their times summed.
+  assert [(x['start_step'], x['end_step']) for x in summary['launches']] == [(0, 20), (20, 60)]
+  assert summary['train_time_s'] == pytest.approx(sum(x['train_time_s'] for x in summary['launches']))
   assert_same_run(str(workdir), reference)
   launches = json.load(open(workdir / 'provenance.json'))['launches']
   assert [x['start_step'] for x in launches] == [0, 20]
@@ -256,14 +237,14 @@ def test_sigterm_saves_exits_75_and_resumes_bitwise_identical(tmp_path, data_dir
   args = cli_args(workdir, data_dir, cache_dir)
   # SIGTERM during step 33: between log lines (28, 35) and checkpoints (20, 40).
   preempted = run_cli(args, fault='SIGTERM', at=33)
-  assert preempted.returncode == checkpoint.EXIT_PREEMPTED == 75, preempted.stderr[-3000:]
+  assert preempted.returncode == workdir_lib.EXIT_PREEMPTED == 75, preempted.stderr[-3000:]
   assert 'checkpoint at step 33 committed' in preempted.stderr
   assert committed(workdir) == [20, 33] and leftovers(workdir) == []
   assert not (workdir / 'summary.json').exists()
 
   resumed = run_cli(args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert json.load(open(workdir / 'summary.json'))['start_step'] == 33
+  assert json.load(open(workdir / 'summary.json'))['launches'][-1]['start_step'] == 33
   assert_same_run(str(workdir), reference)
 
 
@@ -284,8 +265,8 @@ def test_kills_at_random_moments_never_corrupt_and_resume_exactly(tmp_path, data
 
   rng = random.Random(1234)
   latest, kills, mid_save = 18, 0, 0
-  for attempt in range(7):
-    sig = signal.SIGTERM if attempt in (2, 5) else signal.SIGKILL
+  for attempt in range(5):
+    sig = signal.SIGTERM if attempt in (1, 3) else signal.SIGKILL
     log = tmp_path / f'stderr{attempt}.txt'
     with open(log, 'w') as stderr:
       process = subprocess.Popen([sys.executable, '-m', 'cnnlab.cli', *args], env=env(), cwd=ROOT,
@@ -334,7 +315,7 @@ def make_config(data_dir, **overrides):
 def trained(shared_root, data_dir):
   """A finished 4-step run (checkpoints at 2 and 4), trained once per session; tests copy it
   before changing anything."""
-  with _session_lock(shared_root, 'ckpt_trained') as workdir:
+  with session_lock(shared_root, 'ckpt_trained') as workdir:
     if not (workdir / 'summary.json').exists():
       loop.train_and_evaluate(make_config(data_dir, checkpoint__keep=3), str(workdir))
   return str(workdir)
@@ -407,7 +388,7 @@ def test_failed_async_write_fails_the_run_and_keeps_the_last_checkpoint(
     assert max(r['step'] for r in read_metrics(workdir)) == 6
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', finalize)
     summary = loop.train_and_evaluate(config, workdir)
-    assert summary['start_step'] == previous and committed(workdir)[-1] == 8
+    assert summary['launches'][-1]['start_step'] == previous and committed(workdir)[-1] == 8
     assert leftovers(workdir) == []  # the half-written step is gone
 
 
@@ -452,7 +433,7 @@ def test_a_run_saved_under_pmap_resumes_on_one_device(tmp_path, data_dir):
   loop.train_and_evaluate(make_config(data_dir, **pmap), moved)  # 4 steps under pmap
   summary = loop.train_and_evaluate(make_config(data_dir, train__num_steps=6,
                                                 parallel__num_devices=1), moved)
-  assert summary['start_step'] == 4 and summary['num_devices'] == 1
+  assert summary['launches'][-1]['start_step'] == 4 and summary['num_devices'] == 1
   a, b = records(straight), records(moved)
   assert [r['step'] for r in a] == [r['step'] for r in b]
   assert [r for r in a if r['step'] <= 4] == [r for r in b if r['step'] <= 4]
@@ -480,7 +461,7 @@ def test_resuming_with_changed_structure_is_refused_unless_allowed(tmp_path, dat
   # Longer training, other logging and checkpointing, another layout: a continuation.
   extended = make_config(data_dir, train__num_steps=6, train__log_every_steps=2,
                          checkpoint__every_steps=3, parallel__num_devices=2)
-  assert loop.train_and_evaluate(extended, workdir)['start_step'] == 4
+  assert loop.train_and_evaluate(extended, workdir)['launches'][-1]['start_step'] == 4
   # An explicit override accepts a structural change.
   with pytest.raises(resume.ConfigChangeError, match='optim.learning_rate: 0.05 -> 0.01'):
     resume.check_resume_config(workdir, make_config(data_dir, optim__learning_rate=0.01), 6)
@@ -531,10 +512,10 @@ def test_a_planted_pickle_is_refused(tmp_path, data_dir, trained, monkeypatch, w
   path = os.path.join(workdir, 'checkpoints', '4', where)
   with open(path, 'wb') as f:
     pickle.dump(_Payload(), f, protocol=4)
-  with pytest.raises(checkpoint.UnsafeCheckpointError, match='pickle'):
+  with pytest.raises(workdir_lib.UnsafeCheckpointError, match='pickle'):
     cnnlab.load_run(workdir)
   ckpt = checkpoint.Checkpointer(workdir)
-  with pytest.raises(checkpoint.UnsafeCheckpointError, match='pickle'):
+  with pytest.raises(workdir_lib.UnsafeCheckpointError, match='pickle'):
     ckpt.restore(loop_target(make_config(data_dir)))  # the loop's resume
   ckpt.close()
   assert not marker.exists()
@@ -546,32 +527,32 @@ def test_paths_cannot_escape_the_workdir(tmp_path, data_dir, trained):
   (root / 'runs').mkdir(parents=True)
   outside = tmp_path / 'outside'
   outside.mkdir()
-  assert checkpoint.safe_join(str(root), 'runs', 'lr=0.1,k=3') == str(root / 'runs' / 'lr=0.1,k=3')
+  assert workdir_lib.safe_join(str(root), 'runs', 'lr=0.1,k=3') == str(root / 'runs' / 'lr=0.1,k=3')
   for bad in ('../outside', 'runs/../../outside', '/etc', '', 'a\0b'):
-    with pytest.raises(checkpoint.UnsafeCheckpointError):
-      checkpoint.safe_join(str(root), bad)
+    with pytest.raises(workdir_lib.UnsafeCheckpointError):
+      workdir_lib.safe_join(str(root), bad)
   os.symlink(outside, root / 'runs' / 'link')
-  with pytest.raises(checkpoint.UnsafeCheckpointError, match='outside'):
-    checkpoint.safe_join(str(root), 'runs', 'link', 'config.json')
+  with pytest.raises(workdir_lib.UnsafeCheckpointError, match='outside'):
+    workdir_lib.safe_join(str(root), 'runs', 'link', 'config.json')
 
   # A checkpoints directory, a step, or a file in a step that is a symlink is refused.
   workdir = copy_run(trained, tmp_path)
   elsewhere = str(tmp_path / 'elsewhere')
   shutil.move(os.path.join(workdir, 'checkpoints'), elsewhere)
   os.symlink(elsewhere, os.path.join(workdir, 'checkpoints'))
-  with pytest.raises(checkpoint.UnsafeCheckpointError, match='outside'):
+  with pytest.raises(workdir_lib.UnsafeCheckpointError, match='outside'):
     cnnlab.load_run(workdir)
   os.unlink(os.path.join(workdir, 'checkpoints'))
   shutil.move(elsewhere, os.path.join(workdir, 'checkpoints'))
   step4 = os.path.join(workdir, 'checkpoints', '4')
   shutil.move(step4, elsewhere)
   os.symlink(elsewhere, step4)
-  with pytest.raises(checkpoint.UnsafeCheckpointError, match='symlink'):
+  with pytest.raises(workdir_lib.UnsafeCheckpointError, match='symlink'):
     cnnlab.load_run(workdir, 4)
   os.unlink(step4)
   shutil.move(elsewhere, step4)
   os.symlink('/etc/passwd', os.path.join(step4, 'loop', 'extra'))
-  with pytest.raises(checkpoint.UnsafeCheckpointError, match='symlink'):
+  with pytest.raises(workdir_lib.UnsafeCheckpointError, match='symlink'):
     cnnlab.load_run(workdir, 4)
 
 
@@ -595,17 +576,17 @@ def test_metrics_past_the_checkpoint_and_torn_lines_are_dropped(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   lines = [json.dumps({'kind': 'train', 'step': s, 'loss': 1.0 / s}) for s in (7, 14, 21, 28)]
   path.write_text('\n'.join(lines) + '\n{"kind": "train", "st')  # killed mid-line
-  assert resume.truncate_metrics(str(tmp_path), 20) == 3
+  assert workdir_lib.truncate_metrics(str(tmp_path), 20) == 3
   assert [r['step'] for r in read_metrics(str(tmp_path))] == [7, 14]
 
 
 def test_one_writer_per_workdir(tmp_path, data_dir):
   workdir = str(tmp_path / 'run')
   os.makedirs(workdir)
-  lock = resume.WorkdirLock(workdir)
+  lock = workdir_lib.WorkdirLock(workdir)
   try:
-    with pytest.raises(resume.WorkdirBusyError, match=f'pid {os.getpid()}'):
+    with pytest.raises(workdir_lib.WorkdirBusyError, match=f'pid {os.getpid()}'):
       loop.train_and_evaluate(make_config(data_dir), workdir)
   finally:
     lock.release()
-  resume.WorkdirLock(workdir).release()  # free again
+  workdir_lib.WorkdirLock(workdir).release()  # free again

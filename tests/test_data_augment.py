@@ -146,7 +146,7 @@ def test_rotation_turns_masks_and_boxes_with_images():
   np.testing.assert_array_equal(np.asarray(quarter['image'][:, :, 0]),
                                 np.asarray(batch['image'][:, 0, ::-1]))
   assert_boxes_follow_masks(quarter, 1e-5)
-  small = augment.random_rotate(jax.random.PRNGKey(0), batch, 20.0)
+  small = augment.random_affine(jax.random.PRNGKey(0), batch, rotate=20.0)
   half_pixel = 0.5 / H  # a mask pixel is kept when its centre falls inside the rotated rectangle
   for i in range(B):  # the box of the rotated corners contains the rotated rectangle
     tight, box = box_of(np.asarray(small['mask'][i])), np.asarray(small['bbox'][i])

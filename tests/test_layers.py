@@ -1,9 +1,11 @@
 """Layer semantics against PyTorch (the oracle for convolution arithmetic) and layer contracts."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from cnnlab import layers
 
@@ -212,15 +214,68 @@ def test_cross_replica_batch_norm_equals_one_device_on_the_whole_batch():
     np.testing.assert_allclose(split_grads[i].sum(0), whole_grads[i], rtol=1e-4, atol=1e-4)
 
 
-def test_channel_sum_on_cpu_and_elsewhere(monkeypatch):
+def test_channel_sum_on_cpu_and_elsewhere():
+  from cnnlab.layers import norm
   x = jax.random.normal(jax.random.key(0), (3, 4, 5, 6), jnp.bfloat16)
   expected = np.asarray(x, np.float64).sum(axis=(0, 1, 2))
-  cpu = layers.channel_sum(x)
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # the jnp.sum path
-  other = layers.channel_sum(x)
-  for got in (cpu, other):
+  for got in (layers.channel_sum(x), norm._channel_sum_product(x.astype(jnp.float32)),
+              norm._channel_sum_reduce(x.astype(jnp.float32))):
     assert got.dtype == jnp.float32 and got.shape == (6,)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_sum_stays_accurate_on_long_sums():
+  """A single product of 401,408 rows with a ones vector lost 2e-5 of the sum in float32, which a
+  cancelling gradient sum (batch norm's bias) turns into percents; partial sums keep ~2e-7."""
+  x = jax.random.normal(jax.random.key(1), (32, 112, 112, 8), jnp.float32) + 3.0
+  exact = np.asarray(x, np.float64).sum(axis=(0, 1, 2))
+  relative = np.abs(np.asarray(layers.channel_sum(x), np.float64) - exact) / np.abs(exact)
+  assert relative.max() < 1e-6
+
+
+def test_cpu_formulations_equal_xla_own_values_and_gradients():
+  """Each layer's CPU formulation (written-out gradient) against what other platforms run."""
+  from cnnlab.layers import norm, pool
+  key = jax.random.key(2)
+  x = jax.random.normal(key, (8, 14, 14, 16)) * 2.0 + 1.0
+  scale, bias = jax.random.normal(key, (16,)), jax.random.normal(jax.random.key(3), (16,))
+  weights = jax.random.normal(jax.random.key(4), x.shape)
+  cpu = lambda x, s, b: norm._batch_norm_vjp(x, s, b, 1e-5, None, jnp.float32)
+  xla = lambda x, s, b: norm._bn_fwd(x, s, b, 1e-5, None, jnp.float32)[0]
+  loss = lambda f: lambda *a: jnp.sum(f(*a)[0] * weights) + jnp.sum(f(*a)[1]) + jnp.sum(f(*a)[2])
+  for a, b in zip(jax.grad(loss(cpu), (0, 1, 2))(x, scale, bias),
+                  jax.grad(loss(xla), (0, 1, 2))(x, scale, bias)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  args = ((3, 3), (2, 2), ((1, 1), (1, 1)), (7, 7))
+  ties = jnp.round(x)  # many tied maxima: both send a window's gradient to its first maximum
+  for inputs in (x, ties):
+    cpu_pool = lambda x: pool._max_pool(x, *args)
+    xla_pool = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                           ((0, 0), (1, 1), (1, 1), (0, 0)))
+    np.testing.assert_array_equal(cpu_pool(inputs), xla_pool(inputs))
+    ct = weights[:, :7, :7]
+    got = jax.grad(lambda x: jnp.sum(cpu_pool(x) * ct))(inputs)
+    want = jax.grad(lambda x: jnp.sum(xla_pool(x) * ct))(inputs)
+    np.testing.assert_array_equal(got != 0, want != 0)  # the same cells, overlaps summed
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('platform,written', [('cpu', True), ('cuda', False)])
+def test_each_platform_compiles_its_own_formulation(platform, written):
+  """Lowered for CPU, a conv-norm-pool gradient holds only the written-out formulations (products
+  with ones, no select-and-scatter); lowered for a GPU, only XLA's own."""
+  block = layers.ConvBlock(8)
+  pooling = layers.Pool('max', 2)
+  x = jnp.ones((4, 8, 8, 3))
+  variables = block.init(jax.random.key(0), x)
+
+  def loss(params):
+    y, _ = block.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+    return jnp.sum(pooling.apply({}, y) ** 2)
+  text = jax.jit(jax.grad(loss)).trace(variables['params']).lower(
+      lowering_platforms=(platform,)).as_text()
+  assert ('select_and_scatter' not in text) == written
+  assert ('dot_general' in text) == written
 
 
 def test_residual_relu_has_relu_values_and_gradients_ties_included():
@@ -300,8 +355,8 @@ def test_invalid_arguments_name_the_argument(make, argument):
 
 
 def test_too_small_input_names_the_layer():
-  class Net(layers.nn.Module):
-    @layers.nn.compact
+  class Net(nn.Module):
+    @nn.compact
     def __call__(self, x):
       x = layers.ConvBlock(4, 3, 2, padding=0, name='stage1_conv')(x)
       return layers.ConvBlock(4, 5, padding='VALID', name='stage2_conv')(x)

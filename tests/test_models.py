@@ -1,4 +1,5 @@
-"""Every registered model: compiles, right shapes at its natural size and another, finite, both modes.
+"""Every registered model: right shapes at its natural size in both modes; one model of each
+kind compiles and runs finite at another size.
 
 Parametrised over list_models(), so a newly registered model is tested the moment it exists.
 """
@@ -34,7 +35,30 @@ def test_output_shapes_at_natural_size(name):
     assert out.shape == (3, 7) and out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize('name', models.list_models())
+def variant_key(name):
+  """What makes a model a variant of another: its class and the bound arguments that change its
+  layers' kinds (norm, block, stem), not their number."""
+  from cnnlab.models import registry
+  cls, bound = registry._unwrap(models.get_spec(name).factory)
+  return (cls, *(repr(bound.get(k)) for k in ('norm', 'block', 'stem')))
+
+
+def representatives():
+  """The smallest registered model of each variant: the depths of a family share every layer
+  kind, so running one of them is the test; every model is traced in both modes above."""
+  chosen = {}
+  for name in sorted(models.list_models(), key=lambda n: (len(n), n)):
+    chosen.setdefault(variant_key(name), name)
+  return sorted(chosen.values())
+
+
+# Trained end to end by a shipped experiment (tests/test_experiments.py): their gradients are
+# computed there, not again here.
+TRAINED_BY_AN_EXPERIMENT = {'conv_stack', 'googlenet', 'resnet18', 'resnet20', 'resnet50',
+                            'simple_cnn'}
+
+
+@pytest.mark.parametrize('name', representatives())
 def test_compiles_and_runs_in_train_and_eval_mode(name):
   spec = models.get_spec(name)
   model = models.create_model(name, num_classes=5)
@@ -43,15 +67,27 @@ def test_compiles_and_runs_in_train_and_eval_mode(name):
   @jax.jit
   def run(x):
     variables = model.init(RNGS, x, train=False)
-    train_out, updates = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(3)},
-                                     mutable=['batch_stats', 'intermediates'])
+
+    def train(params):
+      out, updates = model.apply({**variables, 'params': params}, x, train=True,
+                                 rngs={'dropout': jax.random.key(3)},
+                                 mutable=['batch_stats', 'intermediates'])
+      return jnp.sum(out ** 2), (out, updates)
+    if name in TRAINED_BY_AN_EXPERIMENT:
+      grads, (train_out, updates) = {}, train(variables['params'])[1]
+    else:
+      grads, (train_out, updates) = jax.grad(train, has_aux=True)(variables['params'])
     eval_out = model.apply(variables, x, train=False)
     again = model.apply(variables, x, train=False)
-    return train_out, eval_out, again, updates
+    return train_out, eval_out, again, updates, grads
 
-  train_out, eval_out, again, updates = run(x)
+  # It runs once: compiled without LLVM's optimisations, as cnnlab compiles an initial state.
+  compiled = run.lower(x).compile(compiler_options={'xla_backend_optimization_level': 0})
+  train_out, eval_out, again, updates, grads = compiled(x)
   assert train_out.shape == eval_out.shape == (2, 5)
   assert np.isfinite(train_out).all() and np.isfinite(eval_out).all()
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  assert name in TRAINED_BY_AN_EXPERIMENT or any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
   np.testing.assert_array_equal(eval_out, again)  # eval mode is deterministic
   assert updates['intermediates'], 'models sow per-stage features into intermediates'
   if 'batch_stats' in updates:
@@ -161,6 +197,9 @@ def test_input_too_small_names_the_layer():
 
 
 def test_user_model_registered_from_outside(tmp_path, monkeypatch):
+  from cnnlab.models import registry
+  # The registry is global: this test's model leaves it with the test.
+  monkeypatch.setattr(registry, '_REGISTRY', dict(registry._REGISTRY))
   (tmp_path / 'my_models.py').write_text('''
 import flax.linen as nn
 from cnnlab.models import register
@@ -183,3 +222,16 @@ class TinyUserNet(nn.Module):
     models.import_modules(['no_such_module_here'])
   with pytest.raises(TypeError, match='flax.linen.Module'):
     models.register('not_a_module')(lambda: None)
+
+
+@pytest.mark.parametrize('name', models.list_models())
+def test_a_model_that_can_batch_norm_takes_the_pmap_axis(name):
+  """Under pmap the batch statistics must span the replicas (bn_axis_name); a model that can
+  have batch norm without that argument keeps one set of statistics per replica."""
+  fields = models.get_spec(name).fields
+  kwargs = {'norm': 'batch'} if 'norm' in fields else {}
+  model = models.create_model(name, num_classes=3, **kwargs)
+  shape = (1, *models.get_spec(name).input_shape)
+  variables = jax.eval_shape(functools.partial(model.init, RNGS), jnp.zeros(shape))
+  if 'batch_stats' in variables:
+    assert 'bn_axis_name' in fields

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnnlab import data
-from cnnlab.train.logging import read_metrics
+from cnnlab.workdir import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

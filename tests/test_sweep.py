@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from cnnlab import checkpoint, cli, report, sweep, sweep_runner
+from cnnlab import cli, workdir
+from cnnlab.sweeps import plan as sweep, report, runner as sweep_runner
 from cnnlab.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,10 +22,8 @@ def write_config(tmp_path, sweep_body='return []'):
   """A conv_stack experiment on digits with the given get_sweep() body."""
   path = tmp_path / 'exp.py'
   path.write_text(f'''
-import sys
-sys.path.insert(0, {EXPERIMENTS!r})
-import base
-from cnnlab import sweep
+from cnnlab.configs import base
+from cnnlab import sweeps as sweep
 
 def get_config():
   c = base.get_config()
@@ -99,10 +98,9 @@ def test_plan_of_the_shipped_ablation():
   assert shapes[0].config['data']['name'] == 'shapes'
 
 
-def test_requeue_exit_code_is_the_preemption_code():
-  assert sweep.REQUEUE_EXIT_CODE == checkpoint.EXIT_PREEMPTED
+def test_slurm_requeues_on_the_preemption_code():
   text = open(os.path.join(LAUNCH, 'slurm.sbatch')).read()
-  assert f'REQUEUE_EXIT_CODE={sweep.REQUEUE_EXIT_CODE} ' in text
+  assert f'REQUEUE_EXIT_CODE={workdir.EXIT_PREEMPTED} ' in text
 
 
 # ---- bad input: fails before any run starts ----

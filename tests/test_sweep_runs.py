@@ -11,11 +11,12 @@ import time
 
 import pytest
 
-from cnnlab import cli, data, sweep
+from cnnlab import cli, data
+from cnnlab.sweeps import plan as sweep
+from conftest import session_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(ROOT, 'experiments')
-pytestmark = pytest.mark.xdist_group('sweep_runs')  # one worker runs the shared sweep once
 
 STEPS = 300  # long enough to kill the second run while it trains (steps are ~ms each)
 POINTS = [{'model.kernel_size': 3, 'seed': 0}, {'model.kernel_size': 3, 'seed': 1},
@@ -39,15 +40,28 @@ def has_train_record(directory):
 
 
 @pytest.fixture(scope='module')
-def sweep_root(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp('sweep')
+def sweep_root(shared_root):
+  """The sweep, run once per test run whichever xdist worker comes first; the others read what
+  it recorded."""
+  with session_lock(shared_root, 'sweep') as tmp:
+    record = tmp / 'fixture.json'
+    if not record.exists():
+      tmp.mkdir()
+      result = _run_sweep(tmp)
+      record.write_text(json.dumps(result))
+    result = json.loads(record.read_text())
+  config_file, root, overrides = result['plan']
+  return {**result, 'points': sweep.plan(config_file, root, overrides),
+          'relaunch': subprocess.CompletedProcess([], result['returncode'], result['stdout'],
+                                                  result['stderr'])}
+
+
+def _run_sweep(tmp):
   data_dir = str(tmp / 'data')
   data.prepare('digits', data_dir)
   config = tmp / 'exp.py'
   config.write_text(f'''
-import sys
-sys.path.insert(0, {EXPERIMENTS!r})
-import base
+from cnnlab.configs import base
 
 def get_config():
   c = base.get_config()
@@ -86,10 +100,11 @@ def get_sweep():
 
   relaunch = subprocess.run([*command, '--workers', '2'], capture_output=True, text=True,
                             timeout=600)
-  return {'root': root, 'points': points, 'finished_mtimes': finished, 'relaunch': relaunch}
+  return {'root': root, 'plan': [str(config), root, overrides], 'finished_mtimes': finished,
+          'returncode': relaunch.returncode, 'stdout': relaunch.stdout, 'stderr': relaunch.stderr}
 
 
-def test_relaunch_completes_without_redoing_finished_runs(sweep_root):
+def check_relaunch_completes_without_redoing_finished_runs(sweep_root):
   first, second, _, fourth = sweep_root['points']
   out = sweep_root['relaunch'].stdout
   assert f'[start] {first.name}' not in out and 'skipped' in out
@@ -100,13 +115,13 @@ def test_relaunch_completes_without_redoing_finished_runs(sweep_root):
     assert summary['final_eval']['step'] == STEPS
   # The second run was stopped while training: it saved a checkpoint and the relaunch resumed it.
   resumed = json.load(open(os.path.join(second.directory, 'summary.json')))
-  assert 0 < resumed['start_step'] < STEPS
+  assert 0 < resumed['launches'][-1]['start_step'] < STEPS
   record = json.load(open(os.path.join(sweep_root['root'], 'sweep.json')))
   assert [s['done'] for s in record['sessions']] == [2]  # the killed launch recorded nothing
   assert [p['name'] for p in record['points']] == [p.name for p in sweep_root['points']]
 
 
-def test_a_failing_point_is_recorded_and_the_others_finish(sweep_root):
+def check_a_failing_point_is_recorded_and_the_others_finish(sweep_root):
   failing = sweep_root['points'][2]
   relaunch = sweep_root['relaunch']
   assert relaunch.returncode == 1
@@ -119,7 +134,7 @@ def test_a_failing_point_is_recorded_and_the_others_finish(sweep_root):
   assert '2 done, 1 finished before, 1 failed' in relaunch.stdout
 
 
-def test_report_numbers_are_the_runs_summaries(sweep_root, capsys):
+def check_report_numbers_are_the_runs_summaries(sweep_root, capsys):
   root = sweep_root['root']
   assert cli.main(['report', root]) == 0
   rows = list(csv.DictReader(open(os.path.join(root, 'results.csv'))))
@@ -142,3 +157,10 @@ def test_report_numbers_are_the_runs_summaries(sweep_root, capsys):
            os.path.join(root, 'plots', 'curves', 'kernel_size=5.png')]
   for path in plots:
     assert open(path, 'rb').read(8) == b'\x89PNG\r\n\x1a\n' and os.path.getsize(path) > 5000
+
+
+def test_a_killed_sweep_relaunched_finishes_records_failures_and_reports(sweep_root, capsys):
+  """One test over the one sweep (a worker that waited for another's sweep would sit idle)."""
+  check_relaunch_completes_without_redoing_finished_runs(sweep_root)
+  check_a_failing_point_is_recorded_and_the_others_finish(sweep_root)
+  check_report_numbers_are_the_runs_summaries(sweep_root, capsys)

@@ -227,11 +227,6 @@ def random_affine(key: jax.Array, batch: Batch, *, rotate: float = 0.0, scale: f
   return warp(batch, matrices, field)
 
 
-def random_rotate(key: jax.Array, batch: Batch, max_degrees: float) -> Batch:
-  """Rotation by an angle uniform in [-max_degrees, max_degrees], per example."""
-  return random_affine(key, batch, rotate=max_degrees)
-
-
 def cutout(batch: Batch, cy: jax.Array, cx: jax.Array, size: int) -> Batch:
   """Zeroes a size x size square of each image centred at (cy[i], cx[i]) pixels, clipped.
 

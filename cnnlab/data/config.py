@@ -1,6 +1,6 @@
 """The `data` section of an experiment config: every knob the data layer reads, with its unit.
 
-`experiments/base.py` calls `default_config()` for `config.data`; experiments change values, never
+`cnnlab/configs/base.py` calls `default_config()` for `config.data`; experiments change values, never
 add keys. Library code reads these keys directly (`config.augment.flip`), so a missing or misspelt
 key is an error, not a silent default.
 """

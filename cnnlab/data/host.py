@@ -188,10 +188,6 @@ class GrainPipeline:
     keys of `device_batch`: image, label, (mask, bbox), index, epoch."""
     return self._train_stream(start_step, to_device=True)
 
-  def host_eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
-    """This process's slices of the evaluation batches (stored order, padded, with 'valid')."""
-    return self._eval_stream(to_device=False)
-
   def eval_batches(self) -> Iterator[dict[str, jax.Array]]:
     """The whole split in stored order, padded to full batches, with 'valid' (B,) bool."""
     return self._eval_stream(to_device=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fcntl
 import os
 
 import tensorflow_datasets as tfds
@@ -98,7 +99,14 @@ def embedded_builder(name: str, data_dir: str | None = None, **builder_kwargs) -
   except TypeError as e:
     raise DataError(f'{name}: unsupported option in {builder_kwargs}: {e}') from None
   if not builder.is_prepared():
-    builder.download_and_prepare()
+    # One process generates, the others wait and read (runs of a sweep, several jobs sharing a
+    # data directory): a lock per dataset in the data directory.
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f'.{name}.lock'), 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      builder = BUILDERS[name](data_dir=data_dir, file_format='array_record', **builder_kwargs)
+      if not builder.is_prepared():
+        builder.download_and_prepare()
   _check_cache(builder)
   return builder
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab.layers import AdaptiveAvgPool, ConvBlock, MLPHead, Pool
-from cnnlab.models import register
+from cnnlab.models.registry import register
 
 # (features, kernel, stride, padding, max-pool 3/2 after it)
 _FEATURES = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False),
@@ -28,12 +28,13 @@ class AlexNet(nn.Module):
   pool_size: int = 6
   norm: str = 'none'
   dtype: Any = None
+  bn_axis_name: str | None = None  # pmap axis for cross-replica batch statistics (norm='batch')
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for i, (features, kernel, stride, padding, pool) in enumerate(_FEATURES, start=1):
       x = ConvBlock(features, kernel, stride, padding=padding, norm=self.norm, use_bias=True,
-                    dtype=self.dtype, name=f'conv{i}')(x, train)
+                    dtype=self.dtype, bn_axis_name=self.bn_axis_name, name=f'conv{i}')(x, train)
       if pool:
         x = Pool('max', 3, 2, name=f'pool{i}')(x)
       self.sow('intermediates', f'features{i}', x)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab.layers import AuxHead, GlobalPool, InceptionBlock, Pool, conv_block
-from cnnlab.models import register
+from cnnlab.models.registry import register
 
 # name: (ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj); 'pool' is a 3x3/2 max-pool (2x2/2
 # before stage 5), 'aux' an auxiliary classifier on the previous block's output.

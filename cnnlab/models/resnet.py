@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab.layers import BasicBlock, Bottleneck, GlobalPool, Pool, check_choice, conv_block
-from cnnlab.models import register
+from cnnlab.models.registry import register
 
 ModuleDef = Any
 

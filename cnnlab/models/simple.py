@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from cnnlab import geometry
 from cnnlab.layers import POOLS, ConvBlock, GlobalPool, activation, check_choice, make_pool
-from cnnlab.models import register
+from cnnlab.models.registry import register
 
 
 def _flatten(x: jax.Array) -> jax.Array:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab.layers import AdaptiveAvgPool, ConvBlock, MLPHead, Pool
-from cnnlab.models import register
+from cnnlab.models.registry import register
 
 # Convolutions per stage; every stage ends with a 2x2 max-pool. Widths 64, 128, 256, 512, 512.
 DEPTHS = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}

@@ -16,6 +16,8 @@ import time
 
 import jax
 
+from cnnlab import workdir as workdir_lib
+
 
 class MetricWriter:
   """Appends metric records to WORKDIR/metrics.jsonl and (optionally) TensorBoard."""
@@ -24,12 +26,13 @@ class MetricWriter:
     """purge_step: a resumed run's first step; TensorBoard drops events a killed run logged from
     there on (metrics.jsonl is truncated by the checkpoint code)."""
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = os.path.join(workdir, workdir_lib.METRICS)
     self._file = open(self.path, 'a', encoding='utf-8') if self.enabled else None
     self._tb = None
     if self.enabled and tensorboard:
       from tensorboardX import SummaryWriter  # no TensorFlow needed
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'), purge_step=purge_step)
+      self._tb = SummaryWriter(logdir=os.path.join(workdir, workdir_lib.TENSORBOARD),
+                               purge_step=purge_step)
 
   def write(self, kind: str, step: int, metrics: dict) -> None:
     if not self.enabled:
@@ -54,40 +57,67 @@ def _plain(v):
   return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """Records of WORKDIR/metrics.jsonl, in order."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+def _clock(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}' if seconds >= 3600 \
+      else f'{seconds // 60}:{seconds % 60:02d}'
 
 
 class Progress:
-  """A progress bar with throughput and ETA on a terminal, plain lines otherwise."""
+  """What the terminal shows while training: a bar (rich) on a terminal, lines otherwise.
+
+  Each log interval shows the step, loss, train accuracy and images/s with the elapsed time and
+  an estimate of the time left (from the steps of this launch); each evaluation shows its loss
+  and accuracy, and the bar keeps the latest one in view.
+  """
 
   def __init__(self, total_steps: int, start_step: int = 0, mode: str = 'auto'):
-    self.total = total_steps
+    self.total, self.start = total_steps, start_step
     self.enabled = jax.process_index() == 0 and mode != 'none'
-    tty = sys.stderr.isatty()
-    self.bar = None
-    if self.enabled and (mode == 'bar' or (mode == 'auto' and tty)):
+    self.bar, self.latest_eval, self.info = None, '', ''
+    if self.enabled and (mode == 'bar' or (mode == 'auto' and sys.stderr.isatty())):
       from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
-                                 TextColumn, TimeRemainingColumn)
+                                 TextColumn, TimeElapsedColumn, TimeRemainingColumn)
       self.bar = RichProgress(TextColumn('train'), BarColumn(), MofNCompleteColumn(),
-                              TextColumn('{task.fields[info]}'), TimeRemainingColumn(),
-                              transient=False)
+                              TimeElapsedColumn(), TextColumn('eta'), TimeRemainingColumn(),
+                              TextColumn('{task.fields[info]}'), transient=False)
       self.task = self.bar.add_task('train', total=total_steps, completed=start_step, info='')
       self.bar.start()
     self.started = time.time()
 
-  def update(self, step: int, text: str) -> None:
+  def advance(self, step: int) -> None:
+    """Every step (cheap: no host sync): moves the bar, so its estimate starts at once."""
+    if self.bar is not None:
+      self.bar.update(self.task, completed=step)
+
+  def train(self, step: int, record: dict) -> None:
+    """A log interval's averages (loss, accuracy, images_per_sec)."""
     if not self.enabled:
       return
+    self.info = (f"loss {record['loss']:.4f}  acc {record.get('accuracy', float('nan')):.3f}  "
+                 f"{record['images_per_sec']:.0f} img/s")
+    self._show(step)
+
+  def evaluated(self, step: int, result: dict) -> None:
+    if not self.enabled:
+      return
+    self.latest_eval = '  '.join(f'{k} {v:.4f}' for k, v in result.items()
+                                 if isinstance(v, float))
     if self.bar is not None:
-      self.bar.update(self.task, completed=step, info=text)
+      self._show(step)
     else:
-      print(f'step {step}/{self.total}  {text}', file=sys.stderr, flush=True)
+      print(f'eval  step {step}/{self.total}  {self.latest_eval}', file=sys.stderr, flush=True)
+
+  def _show(self, step: int) -> None:
+    if self.bar is not None:
+      evaluation = f'  | eval {self.latest_eval}' if self.latest_eval else ''
+      self.bar.update(self.task, completed=step, info=self.info + evaluation)
+      return
+    elapsed = time.time() - self.started
+    done = step - self.start
+    eta = elapsed / done * (self.total - step) if done else float('nan')
+    print(f'train step {step}/{self.total}  {self.info}  elapsed {_clock(elapsed)}  '
+          f'eta {_clock(eta) if math.isfinite(eta) else "?"}', file=sys.stderr, flush=True)
 
   def close(self) -> None:
     if self.bar is not None:

@@ -1,8 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the whole run, from a validated config to summary.json.
 
-The loop is: place the data and state, compile the step once, then repeat the jitted step. The
-only host syncs are at logging, evaluation and checkpoint boundaries. A workdir holds config.json,
-metrics.jsonl, tensorboard/, checkpoints/ and, at the end, summary.json.
+The loop is: place the data and state, compile the step once, then repeat the compiled step. The
+only host syncs are at logging, evaluation and checkpoint boundaries. What a run directory holds
+is `cnnlab.workdir`'s business; nothing is written into it before the state is restored (or
+created), so a launch that fails on the way leaves a run directory as it found it.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import os
 import sys
@@ -22,12 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnnlab import checkpoint, data, models, parallel
+from cnnlab import analysis, data, models, parallel, workdir as workdir_lib
 from cnnlab import config as config_lib
-from cnnlab.train import optim, resume, state as state_lib, step as step_lib
+from cnnlab.train import checkpoint, optim, resume, state as state_lib, step as step_lib
 from cnnlab.train.logging import MetricWriter, Progress
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 class NonFiniteError(FloatingPointError):
@@ -48,18 +46,6 @@ def compilation_cache(config: ml_collections.ConfigDict) -> str | None:
   return directory
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, axis_name: str | None = None):
-  """The configured model, with the compute dtype and pmap's batch-norm axis where it takes them."""
-  models.import_modules(config.model.imports)
-  kwargs = {**config_lib.model_kwargs(config), 'num_classes': num_classes}
-  fields = models.get_spec(config.model.name).fields
-  if 'dtype' in fields and 'dtype' not in kwargs:
-    kwargs['dtype'] = DTYPES[config.dtype]
-  if axis_name and 'bn_axis_name' in fields:
-    kwargs['bn_axis_name'] = axis_name
-  return models.create_model(config.model.name, **kwargs)
-
-
 @dataclasses.dataclass
 class Run:
   """Everything built from a config before the first step (also used by tests and benchmarks)."""
@@ -76,16 +62,27 @@ class Run:
   eval_every: int
 
   def initial_state(self) -> state_lib.TrainState:
-    return jax.jit(lambda: state_lib.create(
+    """A fresh TrainState from one compiled computation. It runs once per run, so on a CPU it is
+    compiled without LLVM's optimisations: GoogLeNet's (187 random tensors) then compiles in 5 s
+    instead of 13 (bench/README.md, "Compile time")."""
+    create = jax.jit(lambda: state_lib.create(
         self.model, self.settings.tx, seed=self.config.seed, input_shape=self.info.image_shape,
         ema=self.config.optim.ema_decay > 0,
-        loss_scale=2.0 ** 15 if self.config.dtype == 'float16' else 1.0))()
+        loss_scale=2.0 ** 15 if self.config.dtype == 'float16' else 1.0))
+    cpu = self.par.mesh.devices.flat[0].platform == 'cpu'
+    options = {'xla_backend_optimization_level': 0} if cpu else None
+    return create.lower().compile(compiler_options=options)()
 
-  def compile_train(self, state):
-    """(run, data_arg): run(state, data_arg) -> (state, metrics) draws and trains batch `step`."""
-    train_step = step_lib.make_train_step(self.settings)
+  def compile_train(self, state, first_batch: dict | None = None):
+    """(run, data_arg), compiled now: run(state, data_arg) -> (state, metrics) trains the batch of
+    `state.step`. The device pipeline draws it inside the step from data_arg (its arrays); a host
+    pipeline passes each batch as data_arg (None here) and needs its `first_batch` to compile."""
+    preprocess = functools.partial(step_lib.preprocess, settings=self.settings)
+    update = step_lib.make_update(self.settings)
     if self.train_data.kind != 'device':
-      return self.par.compile_train(train_step, None, state, None), None
+      if first_batch is None:
+        raise ValueError('a host pipeline compiles against its first batch: pass first_batch')
+      return self.par.compile_train(preprocess, update, None, state, first_batch), None
     if self.par.strategy == 'pmap':  # each device draws the unsharded global batch, then slices
       batch_fn = functools.partial(data.device_batch, seed=self.config.seed,
                                    batch_size=self.config.train.batch_size,
@@ -93,7 +90,7 @@ class Run:
       arrays = self.par.place_replicated(self.train_data.arrays)
     else:
       batch_fn, arrays = self.train_data.batch_fn(), self.train_data.arrays
-    return self.par.compile_train(train_step, batch_fn, state, arrays), arrays
+    return self.par.compile_train(preprocess, update, batch_fn, state, arrays), arrays
 
   def evaluate(self, eval_fn, state) -> dict[str, float]:
     """Mean loss and accuracy over the whole evaluation split (padding excluded)."""
@@ -111,7 +108,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   info, num_classes = facts['info'], facts['num_classes']
   par = parallel.Parallel.create(config.parallel.strategy, config.parallel.num_devices,
                                  config.parallel.fsdp)
-  model = build_model(config, num_classes, par.axis_name)
+  model = models.from_config(config, num_classes, par.axis_name)
   batch_size = config.train.batch_size
   eval_batch = config.train.eval_batch_size or batch_size
   common = dict(seed=config.seed, sharding_replicated=par.replicated,
@@ -129,37 +126,63 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   settings = step_lib.StepSettings(
       model=model, tx=optim.optimizer(config.optim, lr), learning_rate=lr,
       num_classes=num_classes, mean=mean, std=std, augment=config.data.augment.to_dict(),
-      compute_dtype=DTYPES[config.dtype], label_smoothing=config.train.label_smoothing,
+      compute_dtype=models.DTYPES[config.dtype], label_smoothing=config.train.label_smoothing,
       aux_loss_weight=config.train.aux_loss_weight, ema_decay=config.optim.ema_decay,
       dynamic_loss_scale=config.dtype == 'float16', axis_name=par.axis_name)
   return Run(config, info, num_classes, model, par, train_data, eval_data, settings, total,
              steps_per_epoch, config.train.eval_every_steps or steps_per_epoch)
 
 
-def _first_batch_check(run: Run, start_step: int) -> None:
-  batch = (run.train_data.batch(start_step) if run.train_data.kind == 'device'
-           else next(iter(run.train_data.iterate(start_step))))
-  data.check_batch(batch, image_shape=run.info.image_shape, num_classes=run.num_classes)
+def model_facts(run: Run) -> dict[str, Any]:
+  """model.json: what the run's model takes and gives, so a run directory loads and reports on
+  its own (no dataset, no model code needed to read it): input shape, classes, the input
+  normalisation, parameters, MACs per example and receptive field (None where the analysis
+  cannot follow the model)."""
+  facts = {'model': run.config.model.name, 'image_shape': list(run.info.image_shape),
+           'num_classes': run.num_classes, 'mean': list(run.settings.mean),
+           'std': list(run.settings.std)}
+  try:
+    summary = analysis.summarize(run.model, run.info.image_shape)
+    rf = summary.receptive_field
+    facts.update(num_params=summary.total_params, macs=summary.total_macs,
+                 receptive_field=None if rf is None else list(rf))
+  except Exception as e:  # noqa: BLE001 - a user's model the analysis cannot follow
+    facts.update(num_params=None, macs=None, receptive_field=None,
+                 analysis_error=f'{type(e).__name__}: {e}')
+  return facts
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _prepare_workdir(path: str) -> None:
+  """Creates the run directory, or says in one line why it cannot be one."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise config_lib.ConfigError(f'--workdir {path!r} is a file, not a directory')
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise config_lib.ConfigError(f'--workdir {path!r} cannot be created: {e.strerror}') from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(f'--workdir {path!r} is not writable')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       config_file: str | None = None) -> dict[str, Any]:
   """Trains and evaluates as `config` says, writing into `workdir`; returns summary.json's dict.
 
-  A workdir with checkpoints is resumed from its latest one.
+  A workdir with checkpoints is resumed from its latest one; a finished run (summary.json, last
+  step reached) is left as it is and its summary returned. `config_file` (the experiment file,
+  when there is one) is recorded with the launch.
   """
   started = time.time()
   compilation_cache(config)
   run = setup(config)
   primary = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  lock = resume.WorkdirLock(workdir) if primary else None
+  _prepare_workdir(workdir)
+  lock = workdir_lib.WorkdirLock(workdir) if primary else None
   ckpt = preemption = None
   try:
-    # Resume: the latest committed checkpoint (partial saves of a killed run are removed first).
     ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                    best_metric=config.checkpoint.best_metric,
                                    best_mode=config.checkpoint.best_mode)
-    preemption = resume.PreemptionWatch(ckpt)  # SIGTERM from here on: save, then exit 75
     resume_step = ckpt.latest_step()
     if resume_step is not None:
       resume.check_resume_config(workdir, config, resume_step)
@@ -167,41 +190,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise config_lib.ConfigError(
             f'{workdir} has a checkpoint at step {resume_step}, past the {run.total_steps} steps '
             'this config trains; raise train.num_steps/num_epochs or use a new --workdir')
-    if primary:
-      checkpoint.atomic_write(checkpoint.safe_join(workdir, 'config.json'),
-                              config_lib.to_json(config))
-      resume.record_launch(workdir, resume_step or 0)
+      finished = workdir_lib.read_json(os.path.join(workdir, workdir_lib.SUMMARY))
+      if resume_step == run.total_steps and finished is not None:
+        if primary:
+          print(f'cnnlab: {workdir} is already finished ({run.total_steps} steps); nothing to do',
+                file=sys.stderr, flush=True)
+        return finished
+      resume.warn_schedule_change(workdir, config, resume_step)
 
     state = run.initial_state()
-    num_params = int(sum(np.size(p) for p in jax.tree.leaves(state.params)))
     # What logging and best tracking carry over a restart, so a resumed run writes exactly the
     # records of an uninterrupted one: the train metrics of the steps since the last record.
-    pending, interval_step, best, final = [], 0, None, None
+    pending, interval_step, best, final, launches = [], 0, None, None, []
     if resume_step is not None:
+      ckpt.check_shapes(state, resume_step)  # a mismatch fails here, naming the tensors
       state, record = ckpt.restore(state, resume_step)
       pending = resume.decode_metrics(record.get('pending', {}))
       interval_step = record.get('interval_step', resume_step)
       best, final = record.get('best'), record.get('final')
-      if primary:
-        resume.truncate_metrics(workdir, resume_step)
+      launches = record.get('launches', [])
     start_step = int(state.step)
-    _first_batch_check(run, start_step)
-    state = run.par.place_state(state)
-    train_fn, data_arg = run.compile_train(state)
-    eval_fn = run.par.compile_eval(step_lib.make_eval_step(run.settings), state)
-    setup_time = time.time() - started
+    # The state exists: from here on the launch may write into the run directory.
+    facts = model_facts(run)
+    if primary:
+      workdir_lib.atomic_write(workdir_lib.safe_join(workdir, workdir_lib.CONFIG),
+                               config_lib.to_json(config))
+      workdir_lib.write_json(workdir_lib.safe_join(workdir, workdir_lib.MODEL), facts)
+      resume.record_launch(workdir, start_step, config_file)
+      if resume_step is not None:
+        workdir_lib.truncate_metrics(workdir, resume_step)
+    preemption = resume.PreemptionWatch(ckpt)  # SIGTERM from here on: save, then exit 75
+    num_params = int(sum(np.size(p) for p in jax.tree.leaves(state.params)))
 
-    # A host (grain) pipeline: its first batch is drawn now, compiled against, and trained on first.
-    batch_iter = None
-    if data_arg is None:
+    # A host (grain) pipeline's first batch is drawn now, checked, compiled against and trained
+    # on first; the device pipeline's is checked as the step will draw it.
+    batch_iter = first = None
+    if run.train_data.kind == 'device':
+      data.check_batch(run.train_data.batch(start_step), image_shape=run.info.image_shape,
+                       num_classes=run.num_classes)
+    else:
       batches = run.train_data.iterate(start_step)
       first = next(batches)
+      data.check_batch(first, image_shape=run.info.image_shape, num_classes=run.num_classes)
       batch_iter = itertools.chain([first], batches)
+    state = run.par.place_state(state)
+    setup_time = time.time() - started
     t = time.time()
-    if run.par.strategy == 'jit':
-      train_fn = train_fn.lower(state, data_arg if batch_iter is None else first).compile()
+    train_fn, data_arg = run.compile_train(state, first)
     compile_time = time.time() - t
-
+    eval_fn = run.par.compile_eval(step_lib.make_eval_step(run.settings), state)
     writer = MetricWriter(workdir, config.log.tensorboard,
                           purge_step=None if resume_step is None else resume_step + 1)
   except BaseException:
@@ -211,13 +248,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         closing()
     raise
 
+  train_time = eval_time = 0.0
+
+  def this_launch(end_step: int) -> dict:
+    trained = (end_step - start_step) * config.train.batch_size
+    return {'start_step': start_step, 'end_step': end_step, 'setup_time_s': setup_time,
+            'compile_time_s': compile_time, 'train_time_s': train_time, 'eval_time_s': eval_time,
+            'wall_time_s': time.time() - started,
+            'images_per_sec': trained / train_time if train_time else None,
+            'num_devices': run.par.num_devices, 'num_processes': jax.process_count()}
+
   def save(done: int, evaluated: dict | None) -> None:
     loop_record = {'pending': resume.encode_metrics(pending), 'interval_step': interval_step,
-                   'best': best, 'final': final}
+                   'best': best, 'final': final, 'launches': [*launches, this_launch(done)]}
     ckpt.save(done, run.par.unreplicate(state), loop=loop_record, metrics=evaluated)
 
   progress = Progress(run.total_steps, start_step, config.log.progress)
-  train_time = eval_time = 0.0
   interval_start = time.time()
   try:
     for step in range(start_step, run.total_steps):
@@ -225,6 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state, metrics = train_fn(state, batch)
       pending.append(metrics)
       done = step + 1
+      progress.advance(done)
       if done % config.train.log_every_steps == 0 or done == run.total_steps:
         values = parallel.fetch(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
         pending = []
@@ -236,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         record['images_per_sec'] = (done - interval_step) * config.train.batch_size / elapsed
         record['step_time_s'] = elapsed / (done - interval_step)
         writer.write('train', done, record)
-        progress.update(done, f"loss {record['loss']:.4f}  {record['images_per_sec']:.0f} img/s")
+        progress.train(done, record)
         interval_start, interval_step = time.time(), done
       evaluated, improved = None, False
       if done % run.eval_every == 0 or done == run.total_steps:
@@ -244,6 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         result = run.evaluate(eval_fn, state)
         eval_time += time.time() - t
         writer.write('eval', done, result)
+        progress.evaluated(done, result)
         final = evaluated = {**result, 'step': done}
         if best is None or _better(config, result, best):
           best, improved = final, True
@@ -256,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if stop:
         ckpt.wait()
         print(f'cnnlab: SIGTERM: checkpoint at step {done} committed in {workdir}; exiting with '
-              f'{checkpoint.EXIT_PREEMPTED} so the launcher requeues (the next launch resumes)',
+              f'{workdir_lib.EXIT_PREEMPTED} so the launcher requeues (the next launch resumes)',
               file=sys.stderr, flush=True)
         raise checkpoint.Preempted(done, workdir)
     if ckpt.latest_step() != run.total_steps:
@@ -272,20 +320,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if lock:
         lock.release()
 
-  summary = {
-      'final_eval': final, 'best_eval': best, 'num_params': num_params,
-      'steps': run.total_steps, 'start_step': start_step,
-      'compile_time_s': compile_time, 'setup_time_s': setup_time,
-      'train_time_s': train_time, 'eval_time_s': eval_time,
-      'wall_time_s': time.time() - started,
-      'images_per_sec': ((run.total_steps - start_step) * config.train.batch_size / train_time
-                         if train_time else None),
-      'num_devices': run.par.num_devices, 'num_processes': jax.process_count(),
-  }
+  summary = _summary(run, facts, final, best, num_params,
+                     [*launches, this_launch(run.total_steps)])
   if primary:
-    checkpoint.atomic_write(os.path.join(workdir, 'summary.json'), json.dumps(summary, indent=2))
+    workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), summary)
   return summary
 
+
+def _summary(run: Run, facts: dict, final, best, num_params: int,
+             launches: list[dict]) -> dict[str, Any]:
+  """summary.json: what the run achieved and what it cost, summed over its launches (each one
+  listed), with the model's figures from model.json."""
+  total = lambda key: sum(launch[key] for launch in launches)  # noqa: E731
+  trained = sum(launch['end_step'] - launch['start_step'] for launch in launches)
+  train_time = total('train_time_s')
+  return {
+      'final_eval': final, 'best_eval': best, 'num_params': num_params,
+      'macs': facts['macs'], 'receptive_field': facts['receptive_field'],
+      'steps': run.total_steps,
+      'compile_time_s': total('compile_time_s'), 'setup_time_s': total('setup_time_s'),
+      'train_time_s': train_time, 'eval_time_s': total('eval_time_s'),
+      'wall_time_s': total('wall_time_s'),
+      'images_per_sec': trained * run.config.train.batch_size / train_time if train_time else None,
+      'num_devices': launches[-1]['num_devices'], 'num_processes': launches[-1]['num_processes'],
+      'launches': launches,
+  }
 
 def _better(config, result: dict, best: dict) -> bool:
   key = config.checkpoint.best_metric
@@ -307,4 +366,4 @@ def _check_finite(config, values: dict, first: int, last: int) -> None:
                          f'{config.train.max_consecutive_skips})')
 
 
-__all__ = ['train_and_evaluate', 'setup', 'build_model', 'NonFiniteError']
+__all__ = ['train_and_evaluate', 'setup', 'model_facts', 'NonFiniteError']

@@ -6,17 +6,17 @@
                         device layout may change.
   encode/decode_metrics the train metrics of the steps since the last metrics.jsonl line, saved in
                         the checkpoint as raw bits, so the next line averages the same numbers.
-  truncate_metrics      drops what a killed run logged after its last checkpoint.
-  record_launch         WORKDIR/provenance.json: each launch's start step and code version (git
-                        commit, dirty flag, library versions).
-  WorkdirLock           one training process per workdir.
+  warn_schedule_change  a resumed run whose length changed stretches its learning-rate schedule:
+                        say so.
+  record_launch         WORKDIR/provenance.json: each launch's start step, config file and code
+                        version (git commit, dirty flag, library versions).
   PreemptionWatch       SIGTERM -> a request the loop polls once per step; it then saves, waits
                         and raises checkpoint.Preempted (exit code 75).
 """
 
 from __future__ import annotations
 
-import fcntl
+import importlib.metadata
 import json
 import os
 import signal
@@ -30,8 +30,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cnnlab import config as config_lib
-from cnnlab.checkpoint import Checkpointer, atomic_write, safe_join
+from cnnlab import config as config_lib, workdir as workdir_lib
+from cnnlab.train.checkpoint import Checkpointer
 
 
 # Keys that may differ when resuming: they change how long the run is, what is logged or saved,
@@ -48,10 +48,6 @@ RESUMABLE_KEYS = (
 
 class ConfigChangeError(config_lib.ConfigError):
   """Resuming with structural config keys that differ from the workdir's config.json."""
-
-
-class WorkdirBusyError(ValueError):
-  """Another process is training in the same workdir."""
 
 
 # ---- the loop's record: exact continuation of logging and best tracking ----
@@ -106,7 +102,7 @@ def check_resume_config(workdir: str, config, step: int) -> None:
   config.json, unless checkpoint.allow_config_change is set."""
   if config.checkpoint.allow_config_change:
     return
-  path = safe_join(workdir, 'config.json')
+  path = workdir_lib.safe_join(workdir, workdir_lib.CONFIG)
   override = ('use a new --workdir, or pass --config.checkpoint.allow_config_change=True to '
               'resume anyway')
   if not os.path.isfile(path):
@@ -123,32 +119,27 @@ def check_resume_config(workdir: str, config, step: int) -> None:
         + '\n  '.join(changes) + f'\n{override}')
 
 
-def truncate_metrics(workdir: str, step: int) -> int:
-  """Drops metrics.jsonl records past `step` (logged by a killed run after its last checkpoint)
-  and a torn last line; returns how many records were dropped. Atomic (write, then rename)."""
-  path = safe_join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return 0
-  with open(path, encoding='utf-8') as f:
-    lines = f.readlines()
-  kept = []
-  for line in lines:
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(record, dict) and int(record.get('step', 0)) <= step:
-      kept.append(line if line.endswith('\n') else line + '\n')
-  atomic_write(path, ''.join(kept))
-  return sum(1 for line in lines if line.strip()) - len(kept)
+def warn_schedule_change(workdir: str, config, step: int) -> None:
+  """Warns (stderr) when a resumed run trains for another number of steps than its config.json
+  said, under a schedule whose shape depends on the length: the rest of the run follows the new
+  schedule, not the one its first steps were on."""
+  old = workdir_lib.read_json(os.path.join(workdir, workdir_lib.CONFIG))
+  if old is None or config.optim.schedule == 'constant':
+    return
+  before = (old.get('train', {}).get('num_steps'), old.get('train', {}).get('num_epochs'))
+  after = (config.train.num_steps, config.train.num_epochs)
+  if before != after:
+    print(f'cnnlab: warning: resuming {workdir} at step {step} with train.num_steps/num_epochs '
+          f'{after} instead of {before}: the {config.optim.schedule!r} learning-rate schedule is '
+          'recomputed for the new length, so the remaining steps follow another curve than the '
+          'first ones did', file=sys.stderr, flush=True)
 
 
 def code_version() -> dict:
   """cnnlab's version, its git commit and whether the tree has uncommitted changes (tracked or
   untracked files not ignored; None when not in a git checkout), and the library versions."""
-  import cnnlab
   import flax
-  source = os.path.dirname(os.path.abspath(cnnlab.__file__))
+  source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
   def git(*args):
     try:
@@ -160,52 +151,27 @@ def code_version() -> dict:
 
   commit = git('rev-parse', 'HEAD')
   status = git('status', '--porcelain') if commit else None
-  return {'cnnlab': cnnlab.__version__, 'git_commit': commit,
+  return {'cnnlab': importlib.metadata.version('cnnlab'), 'git_commit': commit,
           'git_dirty': None if status is None else bool(status),
           'jax': jax.__version__, 'flax': flax.__version__,
           'orbax_checkpoint': ocp.__version__, 'python': sys.version.split()[0]}
 
 
-def record_launch(workdir: str, start_step: int) -> dict:
-  """Appends this launch (time, start step, code version) to WORKDIR/provenance.json, so every
-  segment of a resumed run names the code that produced it."""
-  path = safe_join(workdir, 'provenance.json')
+def record_launch(workdir: str, start_step: int, config_file: str | None = None) -> dict:
+  """Appends this launch (time, start step, experiment file, code version) to
+  WORKDIR/provenance.json, so every segment of a resumed run names the code that produced it."""
+  path = workdir_lib.safe_join(workdir, workdir_lib.PROVENANCE)
   launches = []
   if os.path.exists(path):
     with open(path, encoding='utf-8') as f:
       launches = json.load(f).get('launches', [])
   entry = {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'start_step': start_step,
-           **code_version()}
-  atomic_write(path, json.dumps({'launches': launches + [entry]}, indent=2))
+           'config_file': config_file and os.path.abspath(config_file), **code_version()}
+  workdir_lib.atomic_write(path, json.dumps({'launches': launches + [entry]}, indent=2))
   return entry
 
 
 # ---- the process around a run: one writer per workdir, SIGTERM ----
-
-class WorkdirLock:
-  """An exclusive lock on WORKDIR/.lock for the life of a run (released by the OS if the process
-  dies), so a requeued job cannot write into a workdir while the old one still runs."""
-
-  def __init__(self, workdir: str):
-    self.path = safe_join(workdir, '.lock')
-    self._file = open(self.path, 'a+', encoding='utf-8')
-    try:
-      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      self._file.seek(0)
-      holder = self._file.read().strip() or 'unknown'
-      self._file.close()
-      raise WorkdirBusyError(f'another process (pid {holder}) is training in {workdir}') from None
-    self._file.seek(0)
-    self._file.truncate()
-    self._file.write(str(os.getpid()))
-    self._file.flush()
-
-  def release(self) -> None:
-    if not self._file.closed:
-      fcntl.flock(self._file, fcntl.LOCK_UN)
-      self._file.close()
-
 
 class PreemptionWatch:
   """SIGTERM -> a request the loop polls once per step (`requested(step)`).

@@ -18,10 +18,11 @@ is right after a restart. Deletion is a rename into checkpoints/.deleted/ (empti
 save): a kill mid-deletion cannot leave a half-deleted step that looks committed.
 
 Preemption (cnnlab.train.resume.PreemptionWatch): SIGTERM -> the loop finishes the step, saves,
-waits for the write and raises `Preempted`, a SystemExit with code EXIT_PREEMPTED = 75
+waits for the write and raises `Preempted`, a SystemExit with code workdir.EXIT_PREEMPTED = 75
 (EX_TEMPFAIL) so launchers requeue; the next launch resumes. A failed asynchronous write raises
 CheckpointWriteError at the next save or at the end; the previous committed checkpoint is untouched.
-Loading (restore, load_run) refuses symlinks, paths leaving the workdir and pickle-like files.
+Restoring (and so cnnlab.inference.load_run) refuses symlinks, paths leaving the workdir and
+pickle-like files.
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from cnnlab import config as config_lib
+from cnnlab.workdir import CHECKPOINTS, EXIT_PREEMPTED, UnsafeCheckpointError, safe_join
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later"; launchers requeue on it
 COMMIT_FILE = 'commit_success.txt'  # Orbax writes it last, before the rename that commits a step
 TMP_MARKER = '.orbax-checkpoint-tmp'
 DELETED_DIR = '.deleted'
@@ -56,33 +56,15 @@ class Preempted(SystemExit):
             f'relaunch the same command to resume (exit code {EXIT_PREEMPTED})')
 
 
+class CheckpointShapeError(ValueError):
+  """A checkpoint's tensors do not fit the state of the config being resumed."""
+
+
 class CheckpointWriteError(RuntimeError):
   """An (asynchronous) checkpoint write failed; earlier committed checkpoints are intact."""
 
 
-class UnsafeCheckpointError(ValueError):
-  """A checkpoint or path that loading refuses: a symlink, a path leaving the workdir, or a
-  file that could execute code when read (pickle)."""
-
-
 # ---- paths ----
-
-def safe_join(root: str, *parts: str) -> str:
-  """root/parts..., refusing parts that would leave `root`: absolute paths, '..', empty or NUL
-  names, and symlinks whose target lies outside `root`. Use it for any path built from a run
-  name or config value."""
-  for part in parts:
-    part = str(part)
-    pieces = part.replace('\\', '/').split('/')
-    if not part or '\0' in part or os.path.isabs(part) or '..' in pieces:
-      raise UnsafeCheckpointError(f'path component {part!r} would leave {root!r}')
-  path = os.path.join(root, *map(str, parts))
-  real_root, real = os.path.realpath(root), os.path.realpath(path)
-  if os.path.commonpath([real_root, real]) != real_root:
-    raise UnsafeCheckpointError(f'{path!r} resolves to {real!r}, outside {real_root!r} '
-                                '(a symlink?)')
-  return path
-
 
 _PICKLE_SUFFIXES = ('.pkl', '.pickle', '.npy', '.npz', '.pt', '.pth', '.joblib')
 
@@ -109,21 +91,21 @@ def verify_step_dir(path: str) -> None:
             'loading never unpickles (it could run arbitrary code). Refusing to load.')
 
 
+def _path_name(path) -> str:
+  """'params/stage1_conv1/conv/kernel' for a pytree path of attribute, dict or sequence keys."""
+  names = []
+  for key in path:
+    for attr in ('name', 'key', 'idx'):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+  return '/'.join(names)
+
+
 def _is_committed(directory: str, name: str) -> bool:
   # A symlinked step counts here, so that restoring it is refused loudly (verify_step_dir).
   path = os.path.join(directory, name)
   return name.isdigit() and os.path.isdir(path) and os.path.isfile(os.path.join(path, COMMIT_FILE))
-
-
-def atomic_write(path: str, text: str) -> None:
-  """Writes a file so that a reader (or a restart after a kill) sees the old or the new content,
-  never a torn one."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def clean_partial_saves(directory: str) -> list[str]:
@@ -155,7 +137,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 2, best_metric: str | None = None,
                best_mode: str = 'max', read_only: bool = False):
-    self.directory = os.path.abspath(safe_join(workdir, 'checkpoints'))
+    self.directory = os.path.abspath(safe_join(workdir, CHECKPOINTS))
     self.best_metric, self.best_mode, self.read_only = best_metric or None, best_mode, read_only
     self._failed, self._writing = False, None  # _writing: the step of the save in flight
     self.removed: list[str] = []  # partial saves this writer found and removed
@@ -250,6 +232,27 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract), loop=ocp.args.JsonRestore()))
     return restored['state'], restored['loop']
 
+  def check_shapes(self, target, step: int | None = None) -> None:
+    """Raises CheckpointShapeError naming every tensor whose saved shape differs from `target`'s
+    (a changed model resumed with checkpoint.allow_config_change), and those only one side has;
+    nothing is restored or written."""
+    step = self._check_step(step)
+    saved = {_path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(
+        self.manager.item_metadata(step)['state'])[0] if hasattr(m, 'shape')}
+    wanted = {_path_name(p): tuple(x.shape) for p, x in
+              jax.tree_util.tree_flatten_with_path(target)[0]}
+    problems = [f'{k}: saved {saved[k]}, the model has {wanted[k]}' for k in sorted(saved)
+                if k in wanted and saved[k] != wanted[k]]
+    problems += [f'{k}: saved, not in the model' for k in sorted(set(saved) - set(wanted))]
+    problems += [f'{k}: in the model, not saved' for k in sorted(set(wanted) - set(saved))]
+    if problems:
+      shown = '\n  '.join(problems[:10]) + (f'\n  ... {len(problems) - 10} more'
+                                               if len(problems) > 10 else '')
+      raise CheckpointShapeError(
+          f'the checkpoint at step {step} in {self.directory} does not fit this config\'s model '
+          f'and optimizer ({len(problems)} tensors):\n  {shown}\nThe run directory is unchanged; '
+          'train the changed model in a new --workdir')
+
   def restore_arrays(self, step: int | None = None) -> dict:
     """The saved state as nested dicts of arrays on the first local device, shaped from the
     checkpoint's own metadata (no model or optimizer needed; any saved layout)."""
@@ -283,56 +286,3 @@ class Checkpointer:
       if not self._failed:
         self._failed = True
         raise CheckpointWriteError(self._write_message(e)) from e
-
-
-# ---- load_run ----
-
-class LoadedRun:
-  """A run's `config`, `model` and `variables` (from its latest or best checkpoint), ready for
-  `model.apply(run.variables, images, train=False)` on NHWC images normalised like training
-  (`run.preprocess(uint8_images)` does that)."""
-
-  def __init__(self, config, model, variables, step: int, mean, std):
-    self.config, self.model, self.variables, self.step = config, model, variables, step
-    self.mean, self.std = mean, std
-
-  def preprocess(self, images):
-    from cnnlab.data import augment
-    return augment.normalize(images, self.mean, self.std)
-
-  def predict(self, images):
-    """(B, H, W, C) uint8 images -> (B, num_classes) logits."""
-    return self.model.apply(self.variables, self.preprocess(images), train=False)
-
-
-def load_run(workdir: str, step: int | str | None = None) -> LoadedRun:
-  """The model of the run in `workdir` at `step`: None = latest checkpoint, 'best' = best by
-  `checkpoint.best_metric`, or a step number. Restores plain arrays: no code runs."""
-  from cnnlab import data
-  from cnnlab.train.loop import build_model
-  path = safe_join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{workdir!r} holds no config.json: not a cnnlab run directory')
-  with open(path, encoding='utf-8') as f:
-    config = config_lib.from_json(f.read())
-  info = data.info(config.data.name, data_dir=config.data.data_dir,
-                   image_size=config.data.image_size, **data.builder_kwargs(config.data))
-  model = build_model(config, config.model.num_classes or info.num_classes)
-  ckpt = Checkpointer(workdir, best_metric=config.checkpoint.best_metric,
-                      best_mode=config.checkpoint.best_mode, read_only=True)
-  try:
-    if step == 'best':
-      step = ckpt.best_step()
-      if step is None:
-        raise FileNotFoundError(f'no checkpoint in {ckpt.directory} carries an evaluation of '
-                                f'{config.checkpoint.best_metric!r}')
-    step = ckpt.latest_step() if step is None else int(step)
-    restored = ckpt.restore_arrays(step)
-  finally:
-    ckpt.close()
-  params = restored.get('ema_params') or restored['params']
-  variables = {'params': params}
-  if restored.get('batch_stats'):
-    variables['batch_stats'] = restored['batch_stats']
-  mean, std = data.augment.normalization(config.data, info)
-  return LoadedRun(config, model, variables, step, mean, std)

@@ -24,7 +24,8 @@ import os
 import statistics
 from typing import Any, Sequence
 
-from cnnlab import sweep
+from cnnlab import workdir
+from cnnlab.sweeps import plan as sweep
 
 CSV_FIELDS = ('accuracy_mean', 'accuracy_std', 'loss_mean', 'loss_std', 'seeds', 'params', 'macs',
               'receptive_field', 'wall_time_s', 'images_per_sec', 'runs')
@@ -59,6 +60,7 @@ class Row:
   receptive_field: float | tuple[float, float] | None
   wall_time_s: float
   images_per_sec: float | None
+  notes: list[str] = dataclasses.field(default_factory=list)  # why a figure is missing
 
   @property
   def name(self) -> str:
@@ -76,15 +78,15 @@ def collect(root: str) -> list[RunDir]:
   runs = []
   for name in sorted(os.listdir(root)):
     path = os.path.join(root, name)
-    point = sweep.read_json(os.path.join(path, sweep.POINT_FILE))
-    config = sweep.read_json(os.path.join(path, 'config.json'))
+    point = workdir.read_json(os.path.join(path, workdir.POINT))
+    config = workdir.read_json(os.path.join(path, workdir.CONFIG))
     if point is None and config is None:
       continue
     runs.append(RunDir(name, path, dict(point['overrides']) if point else None, config,
-                       sweep.read_json(os.path.join(path, 'summary.json')),
-                       sweep.read_json(os.path.join(path, 'error.json'))))
+                       workdir.read_json(os.path.join(path, workdir.SUMMARY)),
+                       workdir.read_json(os.path.join(path, workdir.ERROR))))
   _derive_overrides(runs)
-  record = sweep.read_json(os.path.join(root, sweep.RECORD_FILE)) or {}
+  record = workdir.read_json(os.path.join(root, sweep.RECORD_FILE)) or {}
   order = {p['name']: p['index'] for p in record.get('points', [])}
   return sorted(runs, key=lambda r: (order.get(r.name, len(order)), r.name))
 
@@ -126,17 +128,11 @@ def aggregate(runs: Sequence[RunDir]) -> tuple[list[str], list[Row]]:
     finals = [r.summary['final_eval'] for r in members]
     acc, loss = [f['accuracy'] for f in finals], [f['loss'] for f in finals]
     speeds = [r.summary.get('images_per_sec') for r in members if r.summary.get('images_per_sec')]
-    macs = rf = None
-    if members[0].config is not None:  # seeds share a model: analysed once per structure
-      structure = _key({k: v for k, v in sweep.fingerprint(members[0].config).items()
-                        if k.startswith(('model.', 'data.'))})
-      if structure not in cache:
-        cache[structure] = _analysis(members[0].config)
-      macs, rf = cache[structure]
+    macs, rf, note = _figures(members[0], cache)
     rows.append(Row(values, members, statistics.fmean(acc), _std(acc), statistics.fmean(loss),
                     _std(loss), members[0].summary.get('num_params'), macs, rf,
                     statistics.fmean(r.summary.get('wall_time_s') or 0.0 for r in members),
-                    statistics.fmean(speeds) if speeds else None))
+                    statistics.fmean(speeds) if speeds else None, [note] if note else []))
   return keys, rows
 
 
@@ -144,23 +140,46 @@ def _std(values: Sequence[float]) -> float | None:
   return statistics.stdev(values) if len(values) > 1 else None
 
 
-def _analysis(config: dict) -> tuple[int | None, Any]:
-  """(MACs per example, receptive field) of a run's model, computed abstractly ((None, None) if
-  the model or dataset cannot be built here)."""
+def _figures(run: RunDir, cache: dict) -> tuple[int | None, Any, str | None]:
+  """(MACs per example, receptive field, why they are missing or None) of a run's model: as the
+  run recorded them when it trained (summary.json, model.json); for a run older than those
+  records, computed abstractly from its config when the model can be built here."""
+  recorded = run.summary if run.summary and 'macs' in run.summary else workdir.read_json(
+      os.path.join(run.path, workdir.MODEL))
+  if recorded is not None and 'macs' in recorded:
+    macs, rf = recorded.get('macs'), recorded.get('receptive_field')
+    note = None if macs is not None else (
+        f'{run.name}: no MACs or receptive field: the analysis could not follow the model '
+        f"({recorded.get('analysis_error', 'no reason recorded')})")
+    return macs, _rf_value(rf), note
+  if run.config is None:
+    return None, None, f'{run.name}: no MACs or receptive field: no config.json'
+  structure = _key({k: v for k, v in sweep.fingerprint(run.config).items()
+                    if k.startswith(('model.', 'data.'))})
+  if structure not in cache:
+    cache[structure] = _analysis(run.config)
+  macs, rf, problem = cache[structure]
+  return macs, rf, problem and f'{run.name}: no MACs or receptive field: {problem}'
+
+
+def _analysis(config: dict) -> tuple[int | None, Any, str | None]:
+  """(MACs, receptive field, problem) of a config's model, computed abstractly."""
   try:
-    from cnnlab import analysis, config as config_lib, data
-    from cnnlab.train.loop import build_model
+    from cnnlab import analysis, config as config_lib, data, models
     c = config_lib.from_json(json.dumps(config))
     info = data.info(c.data.name, data_dir=c.data.data_dir, image_size=c.data.image_size,
                      **data.builder_kwargs(c.data))
-    summary = analysis.summarize(build_model(c, c.model.num_classes or info.num_classes),
+    summary = analysis.summarize(models.from_config(c, c.model.num_classes or info.num_classes),
                                  info.image_shape)
-  except Exception:  # noqa: BLE001 - the table still has the runs' own numbers
-    return None, None
-  rf = summary.receptive_field
-  if rf is not None:
-    rf = rf[0] if rf[0] == rf[1] else tuple(rf)
-  return summary.total_macs, rf
+  except Exception as e:  # noqa: BLE001 - the table still has the runs' own numbers
+    return None, None, f'{type(e).__name__}: {e}'
+  return summary.total_macs, _rf_value(summary.receptive_field), None
+
+
+def _rf_value(rf):
+  if rf is None:
+    return None
+  return rf[0] if rf[0] == rf[1] else tuple(rf)
 
 
 # ---- writing ----
@@ -179,6 +198,7 @@ def write(root: str, *, plots: bool = True) -> dict[str, Any]:
     paths['plots'] = plot_accuracy(root, keys, rows) + plot_curves(root, rows)
   with open(paths['markdown'], 'w', encoding='utf-8') as f:
     f.write(markdown(root, keys, rows, runs, paths['plots']))
+  paths['notes'] = [note for row in rows for note in row.notes]
   return paths
 
 
@@ -237,7 +257,7 @@ def markdown_table(keys: Sequence[str], rows: Sequence[Row], split: str = 'test'
 
 
 def markdown(root: str, keys, rows: Sequence[Row], runs: Sequence[RunDir], plots: Sequence[str]) -> str:
-  record = sweep.read_json(os.path.join(root, sweep.RECORD_FILE)) or {}
+  record = workdir.read_json(os.path.join(root, sweep.RECORD_FILE)) or {}
   split = (rows[0].runs[0].config or {}).get('data', {}).get('eval_split', 'test')
   finished = sum(len(r.runs) for r in rows)
   failed = [r for r in runs if r.summary is None and r.error is not None]
@@ -257,6 +277,9 @@ def markdown(root: str, keys, rows: Sequence[Row], runs: Sequence[RunDir], plots
           '(no ± with one seed); the best mean is bold. MACs per example and the receptive field '
           '(in input pixels, of the last spatial layer) are computed from the model; wall time '
           '(compilation included) and images/s (training steps only) are means per run.', '']
+  notes = [note for row in rows for note in row.notes]
+  if notes:
+    out += ['Figures missing:', '', *(f'- {note}' for note in notes), '']
   accuracy_plots = [p for p in plots if os.path.basename(p).startswith('accuracy_vs_')]
   for path in accuracy_plots:
     rel = os.path.relpath(path, root)
@@ -267,7 +290,7 @@ def markdown(root: str, keys, rows: Sequence[Row], runs: Sequence[RunDir], plots
         f'[{os.path.basename(p)[:-4]}]({os.path.relpath(p, root)})' for p in curves), '']
   if failed:
     out += ['## Failed runs', '']
-    out += [f'- `{r.name}`: {r.error.get("error")} (log: `{r.name}/run.log`)' for r in failed]
+    out += [f'- `{r.name}`: {r.error.get("error")} (log: `{r.name}/{workdir.LOG}`)' for r in failed]
     out.append('')
   if unfinished:
     out += ['## Unfinished runs', '', ', '.join(f'`{r.name}`' for r in unfinished), '']
@@ -275,19 +298,9 @@ def markdown(root: str, keys, rows: Sequence[Row], runs: Sequence[RunDir], plots
 
 
 def read_metrics(path: str) -> list[dict]:
-  """metrics.jsonl records, the last one per (kind, step) (a resumed run may repeat steps); a
-  line cut short by a killed process is skipped."""
-  records = {}
-  try:
-    with open(os.path.join(path, 'metrics.jsonl'), encoding='utf-8') as f:
-      for line in f:
-        try:
-          r = json.loads(line)
-        except ValueError:
-          continue
-        records[(r.get('kind'), r.get('step'))] = r
-  except OSError:
-    return []
+  """A run's metrics.jsonl records, the last one per (kind, step) (a resumed run may repeat
+  steps), in step order."""
+  records = {(r.get('kind'), r.get('step')): r for r in workdir.read_metrics(path)}
   return sorted(records.values(), key=lambda r: (r.get('step') or 0))
 
 

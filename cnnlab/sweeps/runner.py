@@ -1,4 +1,4 @@
-"""Runs a sweep's points (cnnlab.sweep.plan) as `cnnlab train` child processes, N at a time.
+"""Runs a sweep's points (cnnlab.sweeps.plan) as training child processes, N at a time.
 
 Each child is pinned to its share of the cores and sees as many XLA CPU devices, so N workers do
 not oversubscribe the machine. Finished runs (summary.json) are skipped; interrupted ones resume
@@ -7,7 +7,8 @@ from their checkpoints (the train command does that); a failing one is recorded 
 checkpoint first), and a relaunch waits for any run still holding its directory's lock. The root's
 sweep.json records the command, the points and every launch.
 
-Like cnnlab.sweep, this module does not import JAX.
+Like cnnlab.sweeps.plan, this module does not import JAX; each child runs
+`cnnlab.train.launch`, as `cnnlab train` does.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from cnnlab import sweep
-from cnnlab.sweep import Point
+from cnnlab import workdir
+from cnnlab.sweeps import plan as sweep
+from cnnlab.sweeps.plan import Point
+
 
 @dataclasses.dataclass
 class Outcome:
@@ -66,7 +69,7 @@ def run(points: Sequence[Point], root: str, *, workers: int = 1,
   """Runs the points not finished yet, `workers` at a time; returns one Outcome per point.
 
   SIGTERM or SIGINT stops the runner: its running children get SIGTERM (they checkpoint and exit
-  with sweep.REQUEUE_EXIT_CODE), no new run starts, and those runs come back as 'interrupted'.
+  with workdir.EXIT_PREEMPTED), no new run starts, and those runs come back as 'interrupted'.
   """
   if workers < 1:
     raise ValueError(f'--workers {workers}: expected at least 1')
@@ -76,8 +79,6 @@ def run(points: Sequence[Point], root: str, *, workers: int = 1,
   _record(root, points, argv, None)
   outcomes: dict[int, Outcome] = {}
   queue = collections.deque(points)
-  if workers > 1:
-    _prepare_datasets(points)
   slots, free = cpu_slots(workers), list(range(workers))
   running: dict[int, _Job] = {}
   stop: list[int] = []
@@ -158,54 +159,38 @@ def _label(outcome: Outcome) -> str:
 
 
 def exit_code(outcomes: Sequence[Outcome]) -> int:
-  """0: all finished; sweep.REQUEUE_EXIT_CODE: some were interrupted (relaunch); 1: some failed."""
+  """0: all finished; workdir.EXIT_PREEMPTED: some were interrupted (relaunch); 1: some failed."""
   if any(o.status == 'interrupted' for o in outcomes):
-    return sweep.REQUEUE_EXIT_CODE
+    return workdir.EXIT_PREEMPTED
   return 1 if any(o.status == 'failed' for o in outcomes) else 0
-
-
-def busy(directory: str) -> bool:
-  """Whether a process is training in `directory` now: it holds the run's WORKDIR/.lock (see
-  checkpoint.WorkdirLock), e.g. a run that outlived a killed runner and is saving its checkpoint."""
-  try:
-    fd = os.open(os.path.join(directory, '.lock'), os.O_RDONLY)
-  except OSError:
-    return False
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    return True
-  finally:
-    os.close(fd)  # closing drops the probe's own lock
-  return False
 
 
 def _start(point: Point, cpus: list[int], log) -> tuple[Outcome | None, _Job | None]:
   """(outcome, None) if the point needs no run, (None, job) once launched, (None, None) while
   another process is training in its directory."""
-  if busy(point.directory):
+  if workdir.is_locked(point.directory):
     log(f'[wait] {point.name}: another process is training in it')
     return None, None
   problem = sweep.mismatch(point)
   if problem:
     return Outcome(point, 'failed', problem), None
-  if os.path.exists(os.path.join(point.directory, 'summary.json')):
+  if workdir.is_finished(point.directory):
     return Outcome(point, 'skipped', 'finished already'), None
   os.makedirs(point.directory, exist_ok=True)
-  with open(os.path.join(point.directory, sweep.POINT_FILE), 'w', encoding='utf-8') as f:
+  with open(os.path.join(point.directory, workdir.POINT), 'w', encoding='utf-8') as f:
     json.dump({'index': point.index, 'name': point.name, 'overrides': point.overrides,
                'config_file': point.config_file, 'args': list(point.args)}, f, indent=1,
               default=repr)
-  error_file = os.path.join(point.directory, 'error.json')
+  error_file = os.path.join(point.directory, workdir.ERROR)
   if os.path.exists(error_file):
     os.remove(error_file)
   command = point.command(sys.executable)
   devices = point.config['parallel']['cpu_devices'] or len(cpus) or os.cpu_count() or 1
   env = {**os.environ, 'PYTHONUNBUFFERED': '1',
          'XLA_FLAGS': xla_flags(os.environ.get('XLA_FLAGS', ''), devices)}
-  child = [sys.executable, '-m', 'cnnlab.sweep_runner', str(os.getpid()), ','.join(map(str, cpus)),
-           *command[3:]]
-  log_file = open(os.path.join(point.directory, 'run.log'), 'a', encoding='utf-8')
+  child = [sys.executable, '-m', 'cnnlab.sweeps.runner', str(os.getpid()), ','.join(map(str, cpus)),
+           point.config_file, point.directory, *point.args]
+  log_file = open(os.path.join(point.directory, workdir.LOG), 'a', encoding='utf-8')
   log_file.write(f'=== {time.strftime("%Y-%m-%d %H:%M:%S")} cnnlab sweep runs: '
                  f'{" ".join(command)}\n')
   log_file.flush()
@@ -217,16 +202,16 @@ def _start(point: Point, cpus: list[int], log) -> tuple[Outcome | None, _Job | N
 def _finish(job: _Job, code: int, stopping: bool) -> Outcome:
   job.log.close()
   seconds = time.time() - job.started
-  summary = sweep.read_json(os.path.join(job.point.directory, 'summary.json'))
+  summary = workdir.read_json(os.path.join(job.point.directory, workdir.SUMMARY))
   if code == 0 and summary is not None:
     final = summary.get('final_eval') or {}
     return Outcome(job.point, 'done', f'accuracy {final.get("accuracy", float("nan")):.4f}', seconds)
-  if code == sweep.REQUEUE_EXIT_CODE or (stopping and code != 0):
+  if code == workdir.EXIT_PREEMPTED or (stopping and code != 0):
     return Outcome(job.point, 'interrupted', f'stopped (exit {code}); relaunch to resume', seconds)
-  log_path = os.path.join(job.point.directory, 'run.log')
+  log_path = os.path.join(job.point.directory, workdir.LOG)
   tail = _tail(log_path)
   message = _error_line(tail) or (f'killed by signal {-code}' if code < 0 else f'exit code {code}')
-  with open(os.path.join(job.point.directory, 'error.json'), 'w', encoding='utf-8') as f:
+  with open(os.path.join(job.point.directory, workdir.ERROR), 'w', encoding='utf-8') as f:
     json.dump({'returncode': code, 'error': message, 'log': log_path, 'log_tail': tail,
                'command': job.point.command(), 'time': time.time()}, f, indent=1)
   return Outcome(job.point, 'failed', f'{message} (log: {log_path})', seconds)
@@ -240,7 +225,7 @@ def _tail(path: str, lines: int = 30) -> list[str]:
 def _error_line(tail: Sequence[str]) -> str | None:
   """The error of a log: `cnnlab train: error: ...` or a traceback's last line."""
   for i, line in enumerate(tail):
-    if line.startswith('cnnlab train: error:'):
+    if line.startswith('cnnlab train: error:'):  # train.ERROR_PREFIX
       return ' '.join(s.strip() for s in tail[i:] if s.strip())[:800]
   for line in reversed(tail):
     if re.match(r'^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b', line):
@@ -248,30 +233,12 @@ def _error_line(tail: Sequence[str]) -> str | None:
   return None
 
 
-def _prepare_datasets(points: Sequence[Point]) -> None:
-  """Generates each embedded dataset once before parallel runs would race to write it."""
-  from cnnlab import config as config_lib, data  # imports JAX: only when needed
-  seen = set()
-  for point in points:
-    config = config_lib.from_json(json.dumps(point.config))
-    key = json.dumps([config.data.name, config.data.data_dir, data.builder_kwargs(config.data)],
-                     sort_keys=True, default=repr)
-    if key in seen:
-      continue
-    seen.add(key)
-    try:
-      data.info(config.data.name, data_dir=config.data.data_dir,
-                image_size=config.data.image_size, **data.builder_kwargs(config.data))
-    except Exception:  # noqa: BLE001 - each run reports its own data error
-      pass
-
-
 def _record(root: str, points: Sequence[Point], argv, session: dict | None) -> None:
   """ROOT/sweep.json: the command and points of the sweep, and one entry per launch."""
   path = os.path.join(root, sweep.RECORD_FILE)
   with open(os.path.join(root, '.sweep.lock'), 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    record = sweep.read_json(path) or {'sessions': []}
+    record = workdir.read_json(path) or {'sessions': []}
     if argv is not None:
       record['command'] = ' '.join(['cnnlab', *argv])
     if points:
@@ -288,20 +255,27 @@ def _record(root: str, points: Sequence[Point], argv, session: dict | None) -> N
 
 
 def _child_main(argv: Sequence[str]) -> int:
-  """`python -m cnnlab.sweep_runner PARENT_PID CPUS cnnlab-arguments...`: one run of a sweep.
+  """`python -m cnnlab.sweeps.runner PARENT_PID CPUS CONFIG_FILE WORKDIR [KEY=VALUE ...]`: one
+  run of a sweep, as `cnnlab train` runs it.
 
   Dies with its runner (SIGTERM when the runner exits, so it checkpoints) and stays on its cores.
   """
-  parent, cpus, *rest = argv
+  parent, cpus, config_file, directory, *overrides = argv
   if sys.platform.startswith('linux'):
     import ctypes
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if os.getppid() != int(parent):  # the runner died before prctl took effect
-      return sweep.REQUEUE_EXIT_CODE
+      return workdir.EXIT_PREEMPTED
   if cpus:
     os.sched_setaffinity(0, {int(c) for c in cpus.split(',')})
-  from cnnlab import cli
-  return cli.main(rest)
+  from cnnlab import train
+  try:
+    summary = train.launch(config_file, directory, overrides)
+  except ValueError as e:  # bad input: one clear line (the runner reports it), no traceback
+    print(f'{train.ERROR_PREFIX}{e}', file=sys.stderr)
+    return 2
+  print(train.done_line(summary, directory))
+  return 0
 
 
 if __name__ == '__main__':

@@ -1,8 +1,9 @@
-"""Every configuration key cnnlab reads, with its unit and default. Experiments import this file,
-change values and add the arguments of their model under `config.model`; the config is then
-locked, so a misspelt key (in a file or on the command line) is an error with a suggestion.
+"""Every configuration key cnnlab reads, with its unit and default.
 
-Not meant to be run by itself: `cnnlab train --config experiments/quickstart.py --workdir DIR`.
+Experiment files (`from cnnlab.configs import base`) start from `get_config()`, change values and
+add the arguments of their model under `config.model`. When cnnlab loads an experiment, a key that
+is not here (outside `config.model`, whose keys the model checks) is an error with a suggestion,
+whether a file or the command line set it.
 """
 
 import ml_collections

@@ -11,8 +11,8 @@ A config file that defines `get_sweep()` returns the override dicts to run, buil
 one fails with a suggestion; no two points may be the same run) and gives each a readable,
 deterministic directory under the root, `kernel_size=5,pool=max,seed=1`, derived from the point
 alone. A run directory whose stored config.json is not the config its point resolves to is
-refused, never reused. `cnnlab.sweep_runner.run` executes the points; `cnnlab.report` turns the
-root into a table and plots.
+refused, never reused. `cnnlab.sweeps.runner.run` executes the points; `cnnlab.sweeps.report`
+turns the root into a table and plots.
 
 This module does not import JAX, so that `cnnlab sweep` starts fast and leaves devices to its runs.
 """
@@ -27,16 +27,11 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
-from cnnlab import config as config_lib
+from cnnlab import config as config_lib, workdir
 
-# Exit status of a run that was asked to stop (SIGTERM, preemption) and saved a checkpoint: the
-# launcher requeues it. = checkpoint.EXIT_PREEMPTED (not imported: it would load JAX and Orbax
-# into the runner; a test keeps them equal); launch/slurm.sbatch keeps it in one variable.
-REQUEUE_EXIT_CODE = 75
 SEED_KEY = 'seed'
 # Keys that do not change what a run computes: they may differ between a stored run and the point.
 IGNORED_KEYS = ('log', 'compilation_cache_dir', 'parallel.cpu_devices', 'data.data_dir')
-POINT_FILE = 'point.json'  # written into each run directory by the runner
 RECORD_FILE = 'sweep.json'  # written into the root: the command, the points, each launch
 _NAME_LIMIT = 120
 
@@ -247,17 +242,9 @@ def fingerprint(config: Mapping[str, Any]) -> dict[str, Any]:
           if not any(k == i or k.startswith(i + '.') for i in IGNORED_KEYS)}
 
 
-def read_json(path: str) -> Any:
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def mismatch(point: Point) -> str | None:
   """Why the point's directory cannot hold this point (its config.json is another config), or None."""
-  stored = read_json(os.path.join(point.directory, 'config.json'))
+  stored = workdir.read_json(os.path.join(point.directory, workdir.CONFIG))
   if stored is None:
     return None  # nothing was trained there yet (or config.json is unreadable: nothing to reuse)
   have, want = fingerprint(stored), fingerprint(point.config)
@@ -273,11 +260,11 @@ def mismatch(point: Point) -> str | None:
 
 def state(point: Point) -> str:
   """'mismatch', 'finished', 'failed' (last attempt), 'partial' (started), or 'new'."""
-  join = lambda f: os.path.join(point.directory, f)
+  join = lambda f: os.path.join(point.directory, f)  # noqa: E731
   if mismatch(point):
     return 'mismatch'
-  if os.path.exists(join('summary.json')):
+  if workdir.is_finished(point.directory):
     return 'finished'
-  if os.path.exists(join('error.json')):
+  if os.path.exists(join(workdir.ERROR)):
     return 'failed'
-  return 'partial' if os.path.exists(join('config.json')) else 'new'
+  return 'partial' if os.path.exists(join(workdir.CONFIG)) else 'new'
