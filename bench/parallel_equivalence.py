@@ -109,8 +109,9 @@ def float64_step(config):
     if 'dtype' in getattr(model, '__dataclass_fields__', {}):
       model = model.clone(dtype=jnp.float64)
     settings = dataclasses.replace(run.settings, model=model, compute_dtype=jnp.float64)
-    update = step_lib.make_train_step(settings).update
-    after, metrics = jax.jit(update)(wide(state), np.asarray(images, np.float64), batch)
+    update = step_lib.make_update(settings)
+    with jax.numpy_dtype_promotion('standard'):  # x64's int64 argmax meets int32 labels
+      after, metrics = jax.jit(update)(wide(state), np.asarray(images, np.float64), batch)
     return jax.device_get(after.params), float(metrics['grad_norm'])
   finally:
     jax.config.update('jax_enable_x64', previous)

@@ -105,16 +105,33 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+  from cnnlab import runs
   from cnnlab.sweeps import report
-  paths = report.write(args.root, plots=not args.no_plots)
+  single = os.path.isdir(args.root) and runs.is_run(args.root)
+  write = runs.write_report if single else report.write
+  paths = write(args.root, plots=not args.no_plots)
   print(open(paths['markdown'], encoding='utf-8').read())
   for note in paths.get('notes', []):
     print(f'cnnlab report: {note}', file=sys.stderr)
-  print(f'wrote {paths["csv"]}, {paths["markdown"]} and {len(paths["plots"])} plots')
+  written = [paths[k] for k in ('csv', 'markdown') if k in paths]
+  print(f'wrote {", ".join(written)} and {len(paths["plots"])} plots')
+  return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+  from cnnlab import runs
+  found = runs.find(args.root)
+  if not found:
+    raise ValueError(f'no run directories under {args.root!r}')
+  statuses = [runs.status(path) for path in found]
+  if args.state:
+    statuses = [st for st in statuses if st.state in args.state]
+  print(runs.table(statuses, args.root))
   return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from cnnlab.runs import STATES  # no JAX: the parser stays quick to build
   parser = argparse.ArgumentParser(prog='cnnlab', description=__doc__)
   sub = parser.add_subparsers(dest='command', required=True)
 
@@ -150,10 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--count', action='store_true', help='print the number of points and exit')
   p.set_defaults(func=_sweep)
 
-  p = sub.add_parser('report', help='results.csv, report.md and plots of a sweep root')
-  p.add_argument('root', help='the --root of `cnnlab sweep` (or any directory of run directories)')
-  p.add_argument('--no-plots', action='store_true', help='only the table')
+  p = sub.add_parser('report', help='a sweep root: results.csv, report.md and plots; one run '
+                     'directory: its curves, confusion matrix and report.md')
+  p.add_argument('root', help='the --root of `cnnlab sweep` (or any directory of run '
+                 'directories), or one run\'s --workdir')
+  p.add_argument('--no-plots', action='store_true', help='only the tables')
   p.set_defaults(func=_report)
+
+  p = sub.add_parser('runs', help='the runs under a directory: state, step, metric, wall time')
+  p.add_argument('root', help='a directory of run directories (searched below), or one run')
+  p.add_argument('--state', action='append', choices=STATES,
+                 help='only runs in this state (repeatable)')
+  p.set_defaults(func=_runs)
 
   p = sub.add_parser('prepare', help='download/generate a dataset into the data directory')
   p.add_argument('name', help='dataset name (see cnnlab.data.list_datasets())')

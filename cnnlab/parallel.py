@@ -233,10 +233,14 @@ class Parallel:
 
     stack = self.stack_replicas if stack_data else (lambda tree: tree)
     compiled = jax.pmap(run, axis_name=AXIS, donate_argnums=0).lower(state, stack(data)).compile()
+    # One replica's metrics (every replica holds the same, averaged ones), compiled now too: the
+    # first training call compiles nothing.
+    first = jax.jit(lambda tree: jax.tree.map(lambda x: x[0], tree)).lower(
+        compiled.out_info[1]).compile()
 
     def call(state, data):
       new_state, metrics = compiled(state, stack(data))
-      return new_state, jax.tree.map(lambda x: x[0], metrics)
+      return new_state, first(metrics)
     return call
 
   def compile_eval(self, eval_step: Callable, state) -> Callable:

@@ -5,7 +5,8 @@ A run directory (the `--workdir` of `cnnlab train`) holds:
   config.json       the resolved config of the run (written once a launch has restored its state)
   model.json        what the model takes and gives: input shape, classes, input normalisation,
                     parameters, MACs, receptive field (what `load_run` and reports need)
-  provenance.json   one entry per launch: start step, config file, code version
+  provenance.json   one entry per launch: start and end step, how it ended, config file, code
+                    version
   metrics.jsonl     one JSON record per log interval and per evaluation (the source of truth)
   tensorboard/      the same metrics as TensorBoard events
   checkpoints/      Orbax checkpoints, one committed directory per step
@@ -39,6 +40,9 @@ ERROR = 'error.json'
 # "try again later". Launchers requeue on it (launch/slurm.sbatch spells it too); relaunching the
 # same command resumes.
 EXIT_PREEMPTED = 75
+
+# How a launch ended, as provenance.json records it.
+OUTCOMES = ('finished', 'preempted', 'failed', 'interrupted')
 
 
 class UnsafeCheckpointError(ValueError):
@@ -168,3 +172,15 @@ def is_locked(workdir: str) -> bool:
 
 def is_finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, SUMMARY))
+
+
+def headline(evaluation: dict | None) -> tuple[str | None, float | None]:
+  """(name, value) of the metric that sums up an evaluation record: accuracy when there is one,
+  else its first metric other than the loss, else the loss."""
+  evaluation = evaluation or {}
+  names = [k for k in evaluation if k not in ('step', 'kind') and
+           isinstance(evaluation[k], (int, float))]
+  if not names:
+    return None, None
+  name = 'accuracy' if 'accuracy' in names else next((k for k in names if k != 'loss'), 'loss')
+  return name, evaluation[name]

@@ -24,7 +24,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import cnnlab
-from cnnlab import cli, data, parallel, workdir as workdir_lib
+from cnnlab import cli, data, parallel, runs, workdir as workdir_lib
 from conftest import session_lock
 from cnnlab.train import checkpoint, loop, resume
 from cnnlab.workdir import read_metrics
@@ -217,6 +217,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, data_dir, cache_dir,
   assert committed(workdir) == [20]
   logged = [r['step'] for r in read_metrics(workdir)]
   assert max(logged) == 28  # records past the checkpoint, which the resumed run must drop
+  assert runs.status(str(workdir)).state == 'interrupted'  # a kill leaves no word
 
   resumed = run_cli(args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -227,6 +228,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, data_dir, cache_dir,
   assert_same_run(str(workdir), reference)
   launches = json.load(open(workdir / 'provenance.json'))['launches']
   assert [x['start_step'] for x in launches] == [0, 20]
+  assert [x.get('outcome') for x in launches] == [None, 'finished']  # the kill left no outcome
+  assert runs.status(str(workdir)).state == 'finished'
   assert all('git_commit' in x and 'git_dirty' in x for x in launches)
   assert leftovers(workdir) == []
 
@@ -241,6 +244,8 @@ def test_sigterm_saves_exits_75_and_resumes_bitwise_identical(tmp_path, data_dir
   assert 'checkpoint at step 33 committed' in preempted.stderr
   assert committed(workdir) == [20, 33] and leftovers(workdir) == []
   assert not (workdir / 'summary.json').exists()
+  preempted_status = runs.status(str(workdir))
+  assert (preempted_status.state, preempted_status.step) == ('preempted', 33)
 
   resumed = run_cli(args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -21,7 +21,7 @@ LAYERS = [
     ['cnnlab.parallel', 'cnnlab.config', 'cnnlab.configs', 'cnnlab.analysis'],
     ['cnnlab.models'],
     ['cnnlab.layers', 'cnnlab.data'],
-    ['cnnlab.geometry', 'cnnlab.workdir'],
+    ['cnnlab.geometry', 'cnnlab.workdir', 'cnnlab.runs'],
 ]
 
 
@@ -125,8 +125,8 @@ def test_the_walk_finds_a_circle_and_an_upward_import():
 def test_workdir_and_sweep_planning_do_not_import_jax():
   """The run-directory module and sweep planning are read by processes that must not hold
   devices (the sweep runner): they may not import JAX, even deferred."""
-  for module in ('cnnlab/workdir.py', 'cnnlab/sweeps/plan.py', 'cnnlab/sweeps/runner.py',
-                 'cnnlab/sweeps/__init__.py'):
+  for module in ('cnnlab/workdir.py', 'cnnlab/runs.py', 'cnnlab/sweeps/plan.py',
+                 'cnnlab/sweeps/runner.py', 'cnnlab/sweeps/__init__.py'):
     tree = ast.parse(open(os.path.join(ROOT, module), encoding='utf-8').read())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}

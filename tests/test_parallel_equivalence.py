@@ -78,3 +78,15 @@ def test_worst_difference_names_the_tensor():
   a = {'conv': {'kernel': np.array([1.0, -4.0])}, 'head': {'bias': np.array([0.5, 0.5])}}
   b = {'conv': {'kernel': np.array([1.0, -4.0])}, 'head': {'bias': np.array([0.5, 1.0])}}
   assert equivalence.worst_difference(a, b) == (0.5, 'head/bias')
+
+
+def test_the_float64_reference_is_the_same_step(data_dir):
+  """The benchmark's float64 step is the float32 step in wider arithmetic: on 8x8 digits, where
+  nothing cancels, the two agree to float32 rounding."""
+  one = step('quickstart_digits', data_dir, extra=['train.batch_size=32'])
+  experiment, overrides = equivalence.CASES['quickstart_digits']
+  wide, grad_norm = equivalence.float64_step(equivalence.load_config(
+      experiment, [*overrides, 'train.batch_size=32', f"data.data_dir='{data_dir}'"]))
+  assert grad_norm == pytest.approx(one[1]['grad_norm'], rel=1e-5)
+  worst, path = equivalence.worst_difference(one[0].params, wide)
+  assert worst < 1e-4, f'{path}: {worst:.2e}'

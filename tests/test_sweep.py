@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from cnnlab import cli, workdir
+from cnnlab import cli, runs, workdir
 from cnnlab.sweeps import plan as sweep, report, runner as sweep_runner
 from cnnlab.config import ConfigError
 
@@ -251,7 +251,7 @@ def test_report_aggregates_seeds_exactly(tmp_path):
                    'plots/curves/kernel_size=5,pool=max.png']
   for path in paths['plots']:
     assert open(path, 'rb').read(8) == b'\x89PNG\r\n\x1a\n' and os.path.getsize(path) > 5000
-  assert report.read_metrics(os.path.join(root, 'kernel_size=3,pool=avg,seed=0'))[-1]['kind'] == 'eval'
+  assert runs.read_metrics(os.path.join(root, 'kernel_size=3,pool=avg,seed=0'))[-1]['kind'] == 'eval'
 
 
 # ---- launch scripts ----

@@ -1,6 +1,7 @@
 """What a new user hits: bad input gets one clear line and exit 2, and nothing is lost or
 misreported (a misspelt key in a file, a failed forced resume, a finished run relaunched, float
-images given to predict, a run directory loaded without its dataset, a report without the model)."""
+images given to predict, a run directory loaded without its dataset, a report without the model);
+one run at a glance (`cnnlab report RUN_DIR`, `cnnlab runs ROOT`)."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import cnnlab
-from cnnlab import cli, config as config_lib, workdir as workdir_lib
+from cnnlab import cli, config as config_lib, runs, workdir as workdir_lib
 from cnnlab.sweeps import report
 from cnnlab.train import loop
 
@@ -185,3 +186,77 @@ def test_report_reads_macs_and_receptive_field_recorded_at_training(tmp_path, da
 def test_safe_join_refuses_dot_dot_even_when_it_comes_back(tmp_path):
   with pytest.raises(workdir_lib.UnsafeCheckpointError, match='would leave'):
     workdir_lib.safe_join(str(tmp_path), 'runs/../runs')
+
+
+# ---- one run at a glance ----
+
+def test_a_run_reports_its_curves_and_confusion_matrix(tmp_path, data_dir, capsys):
+  workdir = tmp_path / 'run'
+  assert train_cli(workdir, data_dir, 'train.num_steps=6', 'train.eval_every_steps=3') == 0
+  summary = json.loads((workdir / 'summary.json').read_text())
+  from cnnlab import data
+  source = data.load('digits', 'test', data_dir=data_dir)
+  matrix = np.array(summary['confusion_matrix'])
+  assert matrix.shape == (10, 10) and matrix.sum() == len(source)
+  assert np.trace(matrix) / matrix.sum() == pytest.approx(summary['final_eval']['accuracy'])
+  np.testing.assert_allclose(summary['per_class_accuracy'], np.diag(matrix) / matrix.sum(1))
+  # The same counts from the reloaded run's predictions.
+  images = np.stack([source[i]['image'] for i in range(len(source))])
+  labels = np.array([source[i]['label'] for i in range(len(source))])
+  predicted = np.argmax(cnnlab.load_run(str(workdir)).predict(images), -1)
+  np.testing.assert_array_equal(matrix, np.histogram2d(labels, predicted, bins=10,
+                                                       range=[[0, 10], [0, 10]])[0])
+  capsys.readouterr()
+
+  assert cli.main(['report', str(workdir)]) == 0
+  out = capsys.readouterr().out
+  assert 'no finished runs' not in out and '# Run report: run' in out
+  assert f"accuracy {summary['final_eval']['accuracy']:.4f}" in out
+  assert f'| 0 | {matrix[0].sum()} | {100 * matrix[0, 0] / matrix[0].sum():.2f} |' in out
+  for name in ('curves.png', 'confusion.png'):
+    png = (workdir / 'plots' / name).read_bytes()
+    assert png.startswith(b'\x89PNG') and len(png) > 10_000, name
+  assert '![curves](plots/curves.png)' in (workdir / 'report.md').read_text()
+
+
+def test_runs_lists_each_run_with_its_state(tmp_path, data_dir, capsys):
+  root = tmp_path / 'runs'
+  assert train_cli(root / 'done', data_dir) == 0
+  with pytest.raises(loop.NonFiniteError):  # fails at its first log interval
+    loop.train_and_evaluate(config_lib.load(QUICKSTART, tiny_args(
+        data_dir, 'optim.learning_rate=1e39')), str(root / 'sweep' / 'diverged'))
+  (root / 'sweep' / 'queued').mkdir()
+  (root / 'sweep' / 'queued' / 'point.json').write_text('{"overrides": {}}')
+  shutil.copytree(root / 'done', root / 'sweep' / 'busy')  # a run in progress: its lock held,
+  os.remove(root / 'sweep' / 'busy' / 'summary.json')       # no summary yet
+  lock = workdir_lib.WorkdirLock(str(root / 'sweep' / 'busy'))
+  capsys.readouterr()
+  try:
+    assert cli.main(['runs', str(root)]) == 0
+    table = capsys.readouterr().out.splitlines()
+  finally:
+    lock.release()
+  states = {line.split()[0]: line.split()[1] for line in table[1:]}
+  assert states == {'done': 'finished', 'sweep/busy': 'running', 'sweep/diverged': 'failed',
+                    'sweep/queued': 'new'}
+  done = json.loads((root / 'done' / 'summary.json').read_text())
+  [line] = [row for row in table if row.startswith('done ')]
+  assert '3/3' in line and f"accuracy {done['final_eval']['accuracy']:.4f}" in line
+  [line] = [row for row in table if row.startswith('sweep/diverged')]
+  assert '(NonFiniteError: non-finite loss' in line and ' 1/3 ' in line
+  assert runs.status(str(root / 'sweep' / 'busy')).state == 'interrupted'  # lock released
+  assert cli.main(['runs', str(root), '--state', 'failed']) == 0
+  assert [row.split()[0] for row in capsys.readouterr().out.splitlines()[1:]] == ['sweep/diverged']
+
+
+def test_a_report_over_unrelated_runs_shows_the_keys_that_matter_once(tmp_path, data_dir):
+  root = tmp_path / 'root'
+  assert train_cli(root / 'a', data_dir, 'train.log_every_steps=1') == 0
+  assert train_cli(root / 'b', data_dir, 'train.log_every_steps=3', 'checkpoint.keep=1',
+                   'model.filters=(8, 8)') == 0
+  paths = report.write(str(root), plots=True)
+  header = open(paths['csv']).readline().strip().split(',')
+  assert header == ['model.filters', *report.CSV_FIELDS]  # log and checkpoint keys are no columns
+  assert '| filters | seeds |' in open(paths['markdown']).read()
+  assert report.column_names(['model.name', 'data.name', 'model.kernel_size']) == [
+      'model.name', 'data.name', 'kernel_size']

@@ -5,7 +5,7 @@
   norm      BatchNorm (Flax's, faster on CPU), normalization (batch/group/layer/none), channel_sum
   pool      Pool (max/avg, PyTorch's padding and ceil mode), GlobalPool, AdaptiveAvgPool
   blocks    BasicBlock, Bottleneck, residual_activation, InceptionBlock
-  heads     AuxHead (GoogLeNet's auxiliary classifier), MLPHead (AlexNet/VGG classifier)
+  heads     AuxHead (GoogLeNet's auxiliary classifier), MLPHead (AlexNet/VGG classifier), as_logits
   upsample  UpBlock (transposed convolution)
 
 Where XLA:CPU was measured to run a layer's own formulation slowly (batch norm's reductions, max
@@ -17,13 +17,13 @@ from cnnlab.layers.blocks import BasicBlock, Bottleneck, InceptionBlock, residua
 from cnnlab.layers.common import (ACTIVATIONS, NORMS, POOLS, IntOrPair, ModuleDef, activation,
                                   check_choice, he_normal_fan_out, layer_name, pair)
 from cnnlab.layers.conv import ConvBlock, conv_block
-from cnnlab.layers.heads import AuxHead, MLPHead
+from cnnlab.layers.heads import AuxHead, MLPHead, as_logits
 from cnnlab.layers.norm import BatchNorm, batch_norm_train, channel_sum, normalization
 from cnnlab.layers.pool import AdaptiveAvgPool, GlobalPool, Pool, make_pool, max_pool
 from cnnlab.layers.upsample import UpBlock
 
 __all__ = ['ACTIVATIONS', 'NORMS', 'POOLS', 'IntOrPair', 'ModuleDef', 'AdaptiveAvgPool', 'AuxHead',
            'BasicBlock', 'BatchNorm', 'Bottleneck', 'ConvBlock', 'GlobalPool', 'InceptionBlock',
-           'MLPHead', 'Pool', 'UpBlock', 'activation', 'batch_norm_train', 'channel_sum',
+           'MLPHead', 'Pool', 'UpBlock', 'activation', 'as_logits', 'batch_norm_train', 'channel_sum',
            'check_choice', 'conv_block', 'he_normal_fan_out', 'layer_name', 'make_pool',
            'max_pool', 'normalization', 'pair', 'residual_activation']

@@ -1,4 +1,5 @@
-"""Classifier heads: GoogLeNet's auxiliary classifier and the dense stack of AlexNet and VGG."""
+"""Classifier heads: GoogLeNet's auxiliary classifier and the dense stack of AlexNet and VGG, and
+the dtype a model's logits leave it in."""
 
 from __future__ import annotations
 
@@ -6,10 +7,18 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from cnnlab.layers.common import ModuleDef, activation
 from cnnlab.layers.conv import ConvBlock
 from cnnlab.layers.pool import AdaptiveAvgPool
+
+
+def as_logits(x: jax.Array) -> jax.Array:
+  """Logits in float32 at least: a bfloat16 or float16 model's are widened for the loss, a
+  float64 model's (the float64 reference step) stay float64."""
+  return x.astype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32)
+
 
 class AuxHead(nn.Module):
   """GoogLeNet's auxiliary classifier (torchvision's InceptionAux).

@@ -6,9 +6,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from cnnlab.layers import AdaptiveAvgPool, ConvBlock, MLPHead, Pool
+from cnnlab.layers import AdaptiveAvgPool, ConvBlock, MLPHead, Pool, as_logits
 from cnnlab.models.registry import register
 
 # (features, kernel, stride, padding, max-pool 3/2 after it)
@@ -41,4 +40,4 @@ class AlexNet(nn.Module):
     x = AdaptiveAvgPool(self.pool_size, name='avgpool')(x)
     x = MLPHead(self.num_classes, (self.hidden, self.hidden), self.dropout, dropout_first=True,
                 dtype=self.dtype, name='classifier')(x, train)
-    return x.astype(jnp.float32)
+    return as_logits(x)

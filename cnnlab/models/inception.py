@@ -6,9 +6,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from cnnlab.layers import AuxHead, GlobalPool, InceptionBlock, Pool, conv_block
+from cnnlab.layers import AuxHead, GlobalPool, InceptionBlock, Pool, as_logits, conv_block
 from cnnlab.models.registry import register
 
 # name: (ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj); 'pool' is a 3x3/2 max-pool (2x2/2
@@ -65,8 +64,8 @@ class GoogLeNet(nn.Module):
       elif run_aux:
         aux = AuxHead(self.num_classes, conv=conv, dropout=self.aux_dropout, dtype=self.dtype,
                       name=name)(x, train)
-        self.sow('intermediates', f'{name}_logits', aux.astype(jnp.float32))
+        self.sow('intermediates', f'{name}_logits', as_logits(aux))
     x = GlobalPool('avg', name='global_pool')(x)
     self.sow('intermediates', 'pre_logits', x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+    return as_logits(nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x))

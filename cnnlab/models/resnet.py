@@ -7,9 +7,9 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from cnnlab.layers import BasicBlock, Bottleneck, GlobalPool, Pool, check_choice, conv_block
+from cnnlab.layers import (BasicBlock, Bottleneck, GlobalPool, Pool, as_logits, check_choice,
+                           conv_block)
 from cnnlab.models.registry import register
 
 ModuleDef = Any
@@ -62,7 +62,7 @@ class ResNet(nn.Module):
       self.sow('intermediates', f'stage{i}', x)
     x = GlobalPool('avg', name='global_pool')(x)
     self.sow('intermediates', 'pre_logits', x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+    return as_logits(nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x))
 
 
 _IMAGENET = {18: ((2, 2, 2, 2), BasicBlock), 34: ((3, 4, 6, 3), BasicBlock),

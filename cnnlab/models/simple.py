@@ -6,10 +6,10 @@ from typing import Any, Sequence, Union
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from cnnlab import geometry
-from cnnlab.layers import POOLS, ConvBlock, GlobalPool, activation, check_choice, make_pool
+from cnnlab.layers import (POOLS, ConvBlock, GlobalPool, activation, as_logits, check_choice,
+                           make_pool)
 from cnnlab.models.registry import register
 
 
@@ -40,7 +40,7 @@ class SimpleCNN(nn.Module):
       x = x if pool is None else pool(x)
       self.sow('intermediates', f'stage{i}', x)
     x = activation(self.act)(nn.Dense(self.hidden, dtype=self.dtype, name='fc1')(_flatten(x)))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+    return as_logits(nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x))
 
 
 @register('lenet5', input_shape=(32, 32, 1), num_classes=10)
@@ -67,7 +67,7 @@ class LeNet5(nn.Module):
     x = _flatten(x)
     for i, features in enumerate((120, 84), start=1):
       x = activation(self.act)(nn.Dense(features, dtype=self.dtype, name=f'fc{i}')(x))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+    return as_logits(nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x))
 
 
 PerStage = Union[Any, Sequence[Any]]
@@ -160,4 +160,4 @@ class ConvStack(nn.Module):
       x = activation(self.act)(nn.Dense(features, dtype=self.dtype, name=f'fc{i}')(x))
     self.sow('intermediates', 'pre_logits', x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+    return as_logits(nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x))

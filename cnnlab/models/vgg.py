@@ -7,9 +7,8 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from cnnlab.layers import AdaptiveAvgPool, ConvBlock, MLPHead, Pool
+from cnnlab.layers import AdaptiveAvgPool, ConvBlock, MLPHead, Pool, as_logits
 from cnnlab.models.registry import register
 
 # Convolutions per stage; every stage ends with a 2x2 max-pool. Widths 64, 128, 256, 512, 512.
@@ -44,7 +43,7 @@ class VGG(nn.Module):
     x = AdaptiveAvgPool(self.pool_size, name='avgpool')(x)
     x = MLPHead(self.num_classes, (self.hidden, self.hidden), self.dropout, dtype=self.dtype,
                 name='classifier')(x, train)
-    return x.astype(jnp.float32)
+    return as_logits(x)
 
 
 for _depth, _stages in DEPTHS.items():

@@ -19,12 +19,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import os
 import statistics
 from typing import Any, Sequence
 
-from cnnlab import workdir
+from cnnlab import runs as runs_lib, workdir
 from cnnlab.sweeps import plan as sweep
 
 CSV_FIELDS = ('accuracy_mean', 'accuracy_std', 'loss_mean', 'loss_std', 'seeds', 'params', 'macs',
@@ -91,12 +90,19 @@ def collect(root: str) -> list[RunDir]:
   return sorted(runs, key=lambda r: (order.get(r.name, len(order)), r.name))
 
 
+# Keys that change how a run is logged or saved, not what it computes: never columns of a table.
+NOT_COMPARED = ('train.log_every_steps', 'train.eval_every_steps', 'checkpoint')
+
+
 def _derive_overrides(runs: list[RunDir]) -> None:
-  """For runs without point.json: the config keys whose values differ between runs."""
+  """For runs without point.json: the config keys whose values differ between runs (those of
+  sweep.IGNORED_KEYS and NOT_COMPARED aside)."""
   bare = [r for r in runs if r.overrides is None]
   if not bare:
     return
-  flat = [sweep.fingerprint(r.config) for r in runs if r.config is not None]
+  flat = [{k: v for k, v in sweep.fingerprint(r.config).items()
+           if not any(k == i or k.startswith(i + '.') for i in NOT_COMPARED)}
+          for r in runs if r.config is not None]
   keys = sorted({k for f in flat for k in f if any(g.get(k) != f.get(k) for g in flat)})
   for run in bare:
     values = sweep.fingerprint(run.config)
@@ -240,8 +246,22 @@ def _short(n: int | None) -> str:
   return str(n)
 
 
+def column_names(keys: Sequence[str]) -> list[str]:
+  """Each key's shortest dotted suffix that no other key ends with: `kernel_size` for
+  model.kernel_size, but `model.name` and `data.name` when both are keys."""
+  names = []
+  for key in keys:
+    parts = key.split('.')
+    for n in range(1, len(parts) + 1):
+      name = '.'.join(parts[-n:])
+      if not any(other != key and (other == name or other.endswith('.' + name)) for other in keys):
+        break
+    names.append(name)
+  return names
+
+
 def markdown_table(keys: Sequence[str], rows: Sequence[Row], split: str = 'test') -> str:
-  head = [*(k.rsplit('.', 1)[-1] for k in keys), 'seeds', f'{split} accuracy (%)',
+  head = [*column_names(keys), 'seeds', f'{split} accuracy (%)',
           f'{split} loss', 'params', 'MACs', 'RF', 'wall (s)', 'images/s']
   best = max(r.accuracy_mean for r in rows)
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(keys) + '---:|' * (len(head) - len(keys))]
@@ -297,22 +317,7 @@ def markdown(root: str, keys, rows: Sequence[Row], runs: Sequence[RunDir], plots
   return '\n'.join(out)
 
 
-def read_metrics(path: str) -> list[dict]:
-  """A run's metrics.jsonl records, the last one per (kind, step) (a resumed run may repeat
-  steps), in step order."""
-  records = {(r.get('kind'), r.get('step')): r for r in workdir.read_metrics(path)}
-  return sorted(records.values(), key=lambda r: (r.get('step') or 0))
-
-
 # ---- plots (matplotlib's object API with the Agg canvas: no pyplot, no global backend) ----
-
-def _figure(width: float, height: float):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(width, height), dpi=100)
-  FigureCanvasAgg(fig)
-  return fig
-
 
 def _numeric(values) -> bool:
   return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
@@ -322,7 +327,7 @@ def plot_accuracy(root: str, keys: Sequence[str], rows: Sequence[Row]) -> list[s
   """plots/accuracy_vs_<key>.png for each swept key: one line per combination of the others."""
   os.makedirs(os.path.join(root, 'plots'), exist_ok=True)
   split = (rows[0].runs[0].config or {}).get('data', {}).get('eval_split', 'test')
-  paths = []
+  paths, names = [], dict(zip(keys, column_names(keys)))
   for key in keys:
     others = [k for k in keys if k != key]
     xs = list(dict.fromkeys(_key(r.values[key]) for r in rows))  # sweep order
@@ -332,16 +337,16 @@ def plot_accuracy(root: str, keys: Sequence[str], rows: Sequence[Row]) -> list[s
     lines: dict[str, list[Row]] = {}
     for row in rows:
       lines.setdefault(_key([row.values[k] for k in others]), []).append(row)
-    fig = _figure(7.5 if len(lines) > 1 else 5.5, 4)
+    fig = runs_lib.figure(7.5 if len(lines) > 1 else 5.5, 4)
     ax = fig.add_subplot()
     for members in lines.values():
       members = sorted(members, key=lambda r: position[_key(r.values[key])])
-      label = ', '.join(f'{k.rsplit(".", 1)[-1]}={_cell(members[0].values[k])}' for k in others)
+      label = ', '.join(f'{names[k]}={_cell(members[0].values[k])}' for k in others)
       ax.errorbar([position[_key(r.values[key])] for r in members],
                   [100 * r.accuracy_mean for r in members],
                   yerr=[100 * (r.accuracy_std or 0.0) for r in members],
                   marker='o', capsize=3, label=label or None)
-    leaf = key.rsplit('.', 1)[-1]
+    leaf = names[key]
     if numeric:
       ax.set_xticks(sorted(set(values)))
     else:
@@ -364,14 +369,14 @@ def plot_curves(root: str, rows: Sequence[Row]) -> list[str]:
   os.makedirs(os.path.join(root, 'plots', 'curves'), exist_ok=True)
   paths = []
   for row in rows:
-    fig = _figure(9, 3.2)
+    fig = runs_lib.figure(9, 3.2)
     loss_ax, acc_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for run in row.runs:
-      records = read_metrics(run.path)
+      records = runs_lib.read_metrics(run.path)
       label = f'seed {run.seed}'
       for ax, kind, metric in ((loss_ax, 'train', 'loss'), (acc_ax, 'eval', 'accuracy')):
         points = [(r['step'], r[metric]) for r in records
-                  if r.get('kind') == kind and _finite(r.get(metric))]
+                  if r.get('kind') == kind and runs_lib.finite(r.get(metric))]
         if points:
           ax.plot(*zip(*points), marker='.' if kind == 'eval' else None, label=label)
     loss_ax.set(xlabel='step', ylabel='train loss')
@@ -386,6 +391,3 @@ def plot_curves(root: str, rows: Sequence[Row]) -> list[str]:
     paths.append(path)
   return paths
 
-
-def _finite(v) -> bool:
-  return isinstance(v, (int, float)) and math.isfinite(v)

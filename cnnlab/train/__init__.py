@@ -45,12 +45,13 @@ def launch(config_file: str, workdir: str, overrides: Sequence[str] = (), *,
 
 def done_line(summary: dict[str, Any], workdir: str) -> str:
   """The one line that ends a run: steps, the final and best evaluation, times."""
+  from cnnlab.workdir import headline
   final, best = summary.get('final_eval') or {}, summary.get('best_eval') or {}
-  metric = 'accuracy' if 'accuracy' in final else next(
-      (k for k in final if k not in ('step', 'loss')), 'loss')
+  metric, value = headline(final)
+  metric, value = metric or 'loss', float('nan') if value is None else value
   best_part = (f' (best {best[metric]:.4f} at step {best["step"]})'
                if metric in best and best[metric] != final.get(metric) else '')
-  return (f"done: {summary['steps']} steps, test {metric} {final.get(metric, float('nan')):.4f}"
+  return (f"done: {summary['steps']} steps, test {metric} {value:.4f}"
           f"{best_part}, loss {final.get('loss', float('nan')):.4f}, wall "
           f"{summary['wall_time_s']:.1f}s (compile {summary['compile_time_s']:.1f}s) -> "
           f"{os.path.join(workdir, 'summary.json')}")

@@ -92,14 +92,17 @@ class Run:
       batch_fn, arrays = self.train_data.batch_fn(), self.train_data.arrays
     return self.par.compile_train(preprocess, update, batch_fn, state, arrays), arrays
 
-  def evaluate(self, eval_fn, state) -> dict[str, float]:
-    """Mean loss and accuracy over the whole evaluation split (padding excluded)."""
+  def evaluate(self, eval_fn, state) -> tuple[dict[str, float], list[list[int]] | None]:
+    """(mean loss and accuracy over the whole evaluation split (padding excluded), its confusion
+    matrix (rows: true class, columns: predicted) or None beyond step.CONFUSION_MAX_CLASSES)."""
     total = None
     for batch in self.eval_data.eval_batches():
       sums = eval_fn(state, batch)
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = parallel.fetch(total)
-    return {'loss': total['loss'] / total['count'], 'accuracy': total['correct'] / total['count']}
+    confusion = total.get('confusion')
+    return ({'loss': total['loss'] / total['count'], 'accuracy': total['correct'] / total['count']},
+            None if confusion is None else np.asarray(confusion).tolist())
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:
@@ -179,6 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   _prepare_workdir(workdir)
   lock = workdir_lib.WorkdirLock(workdir) if primary else None
   ckpt = preemption = None
+  recorded = False  # whether provenance.json lists this launch (then it says how it ended)
   try:
     ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                    best_metric=config.checkpoint.best_metric,
@@ -201,13 +205,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = run.initial_state()
     # What logging and best tracking carry over a restart, so a resumed run writes exactly the
     # records of an uninterrupted one: the train metrics of the steps since the last record.
-    pending, interval_step, best, final, launches = [], 0, None, None, []
+    pending, interval_step, best, final, confusion, launches = [], 0, None, None, None, []
     if resume_step is not None:
       ckpt.check_shapes(state, resume_step)  # a mismatch fails here, naming the tensors
       state, record = ckpt.restore(state, resume_step)
       pending = resume.decode_metrics(record.get('pending', {}))
       interval_step = record.get('interval_step', resume_step)
-      best, final = record.get('best'), record.get('final')
+      best, final, confusion = record.get('best'), record.get('final'), record.get('confusion')
       launches = record.get('launches', [])
     start_step = int(state.step)
     # The state exists: from here on the launch may write into the run directory.
@@ -216,7 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       workdir_lib.atomic_write(workdir_lib.safe_join(workdir, workdir_lib.CONFIG),
                                config_lib.to_json(config))
       workdir_lib.write_json(workdir_lib.safe_join(workdir, workdir_lib.MODEL), facts)
-      resume.record_launch(workdir, start_step, config_file)
+      resume.record_launch(workdir, start_step, run.total_steps, config_file)
+      recorded = True
       if resume_step is not None:
         workdir_lib.truncate_metrics(workdir, resume_step)
     preemption = resume.PreemptionWatch(ckpt)  # SIGTERM from here on: save, then exit 75
@@ -241,7 +246,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     eval_fn = run.par.compile_eval(step_lib.make_eval_step(run.settings), state)
     writer = MetricWriter(workdir, config.log.tensorboard,
                           purge_step=None if resume_step is None else resume_step + 1)
-  except BaseException:
+  except BaseException as e:
+    if primary and recorded:
+      resume.end_launch(workdir, start_step, time.time() - started, *_outcome(e))
     for closing in (preemption and preemption.close, ckpt and ckpt.close,
                     lock and lock.release):
       if closing:
@@ -260,17 +267,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   def save(done: int, evaluated: dict | None) -> None:
     loop_record = {'pending': resume.encode_metrics(pending), 'interval_step': interval_step,
-                   'best': best, 'final': final, 'launches': [*launches, this_launch(done)]}
+                   'best': best, 'final': final, 'confusion': confusion,
+                   'launches': [*launches, this_launch(done)]}
     ckpt.save(done, run.par.unreplicate(state), loop=loop_record, metrics=evaluated)
 
   progress = Progress(run.total_steps, start_step, config.log.progress)
   interval_start = time.time()
+  reached, ended = start_step, None  # how far this launch came, what ended it (provenance.json)
   try:
     for step in range(start_step, run.total_steps):
       batch = data_arg if batch_iter is None else next(batch_iter)
       state, metrics = train_fn(state, batch)
       pending.append(metrics)
-      done = step + 1
+      reached = done = step + 1
       progress.advance(done)
       if done % config.train.log_every_steps == 0 or done == run.total_steps:
         values = parallel.fetch(jax.tree.map(lambda *xs: jnp.stack(xs), *pending))
@@ -288,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       evaluated, improved = None, False
       if done % run.eval_every == 0 or done == run.total_steps:
         t = time.time()
-        result = run.evaluate(eval_fn, state)
+        result, confusion = run.evaluate(eval_fn, state)
         eval_time += time.time() - t
         writer.write('eval', done, result)
         progress.evaluated(done, result)
@@ -310,6 +319,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if ckpt.latest_step() != run.total_steps:
       save(run.total_steps, final if final and final['step'] == run.total_steps else None)
     ckpt.wait()
+  except BaseException as e:
+    ended = e
+    raise
   finally:
     progress.close()
     writer.close()
@@ -317,20 +329,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     try:
       ckpt.close()
     finally:
+      if primary:
+        resume.end_launch(workdir, reached, time.time() - started, *_outcome(ended))
       if lock:
         lock.release()
 
-  summary = _summary(run, facts, final, best, num_params,
+  summary = _summary(run, facts, final, best, confusion, num_params,
                      [*launches, this_launch(run.total_steps)])
   if primary:
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), summary)
   return summary
 
 
-def _summary(run: Run, facts: dict, final, best, num_params: int,
+def _summary(run: Run, facts: dict, final, best, confusion, num_params: int,
              launches: list[dict]) -> dict[str, Any]:
   """summary.json: what the run achieved and what it cost, summed over its launches (each one
-  listed), with the model's figures from model.json."""
+  listed), with the model's figures from model.json and the final evaluation's per-class
+  accuracy and confusion matrix (rows: true class, columns: predicted; up to
+  step.CONFUSION_MAX_CLASSES classes)."""
   total = lambda key: sum(launch[key] for launch in launches)  # noqa: E731
   trained = sum(launch['end_step'] - launch['start_step'] for launch in launches)
   train_time = total('train_time_s')
@@ -344,7 +360,30 @@ def _summary(run: Run, facts: dict, final, best, num_params: int,
       'images_per_sec': trained * run.config.train.batch_size / train_time if train_time else None,
       'num_devices': launches[-1]['num_devices'], 'num_processes': launches[-1]['num_processes'],
       'launches': launches,
+      **_per_class(confusion),
   }
+
+
+def _per_class(confusion: list[list[int]] | None) -> dict[str, Any]:
+  if confusion is None:
+    return {}
+  matrix = np.asarray(confusion)
+  support = matrix.sum(axis=1)
+  accuracy = np.where(support > 0, np.diag(matrix) / np.maximum(support, 1), np.nan)
+  return {'per_class_accuracy': [None if np.isnan(a) else float(a) for a in accuracy],
+          'confusion_matrix': confusion}
+
+
+def _outcome(error: BaseException | None) -> tuple[str, str | None]:
+  """How a launch ended (one of workdir.OUTCOMES) and, when it failed, why."""
+  if error is None:
+    return 'finished', None
+  if isinstance(error, checkpoint.Preempted):
+    return 'preempted', None
+  if isinstance(error, KeyboardInterrupt):
+    return 'interrupted', None
+  return 'failed', f'{type(error).__name__}: {error}'
+
 
 def _better(config, result: dict, best: dict) -> bool:
   key = config.checkpoint.best_metric

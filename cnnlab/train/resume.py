@@ -157,18 +157,31 @@ def code_version() -> dict:
           'orbax_checkpoint': ocp.__version__, 'python': sys.version.split()[0]}
 
 
-def record_launch(workdir: str, start_step: int, config_file: str | None = None) -> dict:
-  """Appends this launch (time, start step, experiment file, code version) to
-  WORKDIR/provenance.json, so every segment of a resumed run names the code that produced it."""
+def record_launch(workdir: str, start_step: int, total_steps: int,
+                  config_file: str | None = None) -> dict:
+  """Appends this launch (time, start and last step, experiment file, code version) to
+  WORKDIR/provenance.json, so every segment of a resumed run names the code that produced it.
+  `end_launch` completes the entry with how the launch ended."""
   path = workdir_lib.safe_join(workdir, workdir_lib.PROVENANCE)
-  launches = []
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      launches = json.load(f).get('launches', [])
-  entry = {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'start_step': start_step,
+  launches = (workdir_lib.read_json(path) or {}).get('launches', []) if os.path.exists(path) else []
+  entry = {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'started': time.time(),
+           'start_step': start_step, 'total_steps': total_steps,
            'config_file': config_file and os.path.abspath(config_file), **code_version()}
-  workdir_lib.atomic_write(path, json.dumps({'launches': launches + [entry]}, indent=2))
+  workdir_lib.write_json(path, {'launches': launches + [entry]})
   return entry
+
+
+def end_launch(workdir: str, step: int, wall_time_s: float, outcome: str,
+               error: str | None = None) -> None:
+  """Completes the last launch of WORKDIR/provenance.json with how it ended: `outcome` (one of
+  workdir.OUTCOMES), the step it reached, its wall time and, when it failed, why."""
+  path = workdir_lib.safe_join(workdir, workdir_lib.PROVENANCE)
+  record = workdir_lib.read_json(path)
+  if not record or not record.get('launches'):
+    return
+  record['launches'][-1].update(outcome=outcome, end_step=step, wall_time_s=wall_time_s,
+                                **({'error': error} if error else {}))
+  workdir_lib.write_json(path, record)
 
 
 # ---- the process around a run: one writer per workdir, SIGTERM ----

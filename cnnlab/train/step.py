@@ -21,7 +21,12 @@ import optax
 from jax import lax
 
 from cnnlab.data import augment
+from cnnlab.layers import as_logits
 from cnnlab.train.state import TrainState
+
+# The evaluation counts a confusion matrix (true class x predicted class) for up to this many
+# classes; beyond, the matrix is too large to be read or kept in summary.json.
+CONFUSION_MAX_CLASSES = 100
 
 # fp16 dynamic loss scaling (what optax lacks): double after this many finite steps, halve on
 # overflow, never below 1.
@@ -47,11 +52,13 @@ class StepSettings:
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
                   smoothing: float = 0.0) -> jax.Array:
-  """(B,) softmax cross-entropy of (B, K) logits against integer labels, with label smoothing."""
-  targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  """(B,) softmax cross-entropy of (B, K) logits against integer labels, with label smoothing;
+  in float32 at least (float64 stays float64)."""
+  logits = as_logits(logits)
+  targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
   if smoothing:
     targets = optax.smooth_labels(targets, smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  return optax.softmax_cross_entropy(logits, targets)
 
 
 def classification_loss(logits, batch, settings: StepSettings) -> jax.Array:
@@ -167,7 +174,9 @@ def make_update(settings: StepSettings) -> Callable[[TrainState, jax.Array, dict
 
 
 def make_eval_step(settings: StepSettings) -> Callable[[TrainState, dict], dict]:
-  """eval_step(state, batch) -> sums {'loss', 'correct', 'count'} over the batch's valid rows.
+  """eval_step(state, batch) -> sums {'loss', 'correct', 'count'} over the batch's valid rows,
+  and 'confusion' (K, K) counts, rows the true class and columns the predicted one, for up to
+  CONFUSION_MAX_CLASSES classes.
 
   Sums (not means) so that batches of any padding combine exactly; `loss` is the plain
   cross-entropy (no smoothing). Uses the EMA parameters when the state has them.
@@ -182,6 +191,10 @@ def make_eval_step(settings: StepSettings) -> Callable[[TrainState, dict], dict]
     sums = {'loss': jnp.sum(loss * valid),
             'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32) * valid),
             'count': jnp.sum(valid)}
+    if settings.num_classes <= CONFUSION_MAX_CLASSES:
+      k = settings.num_classes
+      sums['confusion'] = jnp.zeros((k, k), jnp.int32).at[batch['label'], jnp.argmax(logits, -1)].add(
+          valid.astype(jnp.int32))
     if settings.axis_name:
       sums = lax.psum(sums, settings.axis_name)
     return sums
