@@ -12,6 +12,7 @@ float64, on the float32 step's augmented batch). It prints, per case:
   grad_norm        the step's gradient norm on 1 device, and its relative difference on N (jit, pmap)
   N vs 1           the worst parameter tensor after the step: max |a - b| / max |b|
   vs float64       the same measure of each float32 result against the float64 step
+  grad_norm vs f64 each float32 gradient norm's relative difference from the float64 step's
 
 What is left after a correct step is rounding: the N-device results are no farther from float64
 than the 1-device result is. No timing: the figures are differences, not speeds.
@@ -141,6 +142,7 @@ def measure(name: str, devices: int, extra=()) -> dict:
   for strategy in ('jit', 'pmap'):
     many, mn = one_step(load_config(experiment, overrides, strategy=strategy, devices=devices))
     result[f'{strategy}_grad_norm_rel'] = abs(mn['grad_norm'] - m1['grad_norm']) / m1['grad_norm']
+    result[f'{strategy}_grad_norm_f64_rel'] = abs(mn['grad_norm'] - gn64) / gn64
     result[f'{strategy}_vs_one'] = worst_difference(many.params, one.params)
     result[f'{strategy}_vs_f64'] = worst_difference(many.params, p64)
   return result
@@ -163,13 +165,16 @@ def main(argv=None) -> int:
   parallel.patient_cpu_collectives()
   parallel.fast_cpu_flags()
   print(f'{"case":36s} {"grad_norm":>10s} {"jit":>8s} {"pmap":>8s} | {"worst param, N vs 1":>19s} '
-        f'{"":>8s} | {"vs float64: 1":>13s} {"jit":>8s} {"pmap":>8s}  worst tensor (N vs 1)')
+        f'{"":>8s} | {"vs float64: 1":>13s} {"jit":>8s} {"pmap":>8s} | {"grad_norm vs f64: 1":>19s} '
+        f'{"jit":>8s} {"pmap":>8s}  worst tensor (N vs 1)')
   for name in args.cases.split(','):
     r = measure(name, args.devices, args.set)
     print(f'{name:36s} {r["grad_norm"]:10.6f} {r["jit_grad_norm_rel"]:8.1e} '
           f'{r["pmap_grad_norm_rel"]:8.1e} | jit {r["jit_vs_one"][0]:8.1e} pmap '
           f'{r["pmap_vs_one"][0]:8.1e} | {r["one_vs_f64"][0]:13.1e} {r["jit_vs_f64"][0]:8.1e} '
-          f'{r["pmap_vs_f64"][0]:8.1e}  {max(r["jit_vs_one"], r["pmap_vs_one"])[1]}', flush=True)
+          f'{r["pmap_vs_f64"][0]:8.1e} | {r["grad_norm_f64_rel"]:19.1e} '
+          f'{r["jit_grad_norm_f64_rel"]:8.1e} {r["pmap_grad_norm_f64_rel"]:8.1e}  '
+          f'{max(r["jit_vs_one"], r["pmap_vs_one"])[1]}', flush=True)
   return 0
 
 

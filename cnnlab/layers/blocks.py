@@ -17,6 +17,13 @@ from cnnlab.layers.common import ModuleDef, activation, check_choice, layer_name
 from cnnlab.layers.conv import ConvBlock
 from cnnlab.layers.pool import Pool
 
+def _check_residual(block) -> None:
+  """The arguments every residual block shares, checked when the block is defined."""
+  geometry.check_positive('features', block.features)
+  geometry.check_positive('strides', block.strides)
+  check_choice('shortcut', block.shortcut, ('projection', 'pad'))
+
+
 class BasicBlock(nn.Module):
   """ResNet's two 3x3 convolutions with an identity shortcut: out = act(F(x) + shortcut(x)).
 
@@ -33,9 +40,7 @@ class BasicBlock(nn.Module):
   expansion = 1
 
   def __post_init__(self):
-    geometry.check_positive('features', self.features)
-    geometry.check_positive('strides', self.strides)
-    check_choice('shortcut', self.shortcut, ('projection', 'pad'))
+    _check_residual(self)
     super().__post_init__()
 
   @nn.compact
@@ -63,9 +68,7 @@ class Bottleneck(nn.Module):
   expansion = 4
 
   def __post_init__(self):
-    geometry.check_positive('features', self.features)
-    geometry.check_positive('strides', self.strides)
-    check_choice('shortcut', self.shortcut, ('projection', 'pad'))
+    _check_residual(self)
     super().__post_init__()
 
   @nn.compact
