@@ -63,8 +63,9 @@ class Run:
 
   def initial_state(self) -> state_lib.TrainState:
     """A fresh TrainState from one compiled computation. It runs once per run, so on a CPU it is
-    compiled without LLVM's optimisations: GoogLeNet's (187 random tensors) then compiles in 5 s
-    instead of 13 (bench/README.md, "Compile time")."""
+    compiled at XLA's lowest backend optimisation: GoogLeNet's (187 random tensors) then
+    compiles about 3x faster (bench/README.md, "Compile time: GoogLeNet's initial state and train
+    step")."""
     create = jax.jit(lambda: state_lib.create(
         self.model, self.settings.tx, seed=self.config.seed, input_shape=self.info.image_shape,
         ema=self.config.optim.ema_decay > 0,

@@ -148,8 +148,9 @@ def make_update(settings: StepSettings) -> Callable[[TrainState, jax.Array, dict
     if ema is not None:
       ema = optax.incremental_update(params, ema, step_size=1.0 - settings.ema_decay)
     # A non-finite update is never applied: everything but the step (the data position) stays.
-    # One conditional over the whole trees, not a select per leaf: XLA:CPU took 80 s instead of
-    # 18 s to compile GoogLeNet's step with 187 selects that all wait on one global flag.
+    # One conditional over the whole trees, not a select per leaf: XLA:CPU compiles GoogLeNet's
+    # step several times slower with 187 selects that all wait on one global flag
+    # (bench/README.md, "Compile time: GoogLeNet's initial state and train step").
     kept = lax.cond(finite, lambda: (params, batch_stats, opt_state, ema),
                     lambda: (state.params, state.batch_stats, state.opt_state, state.ema_params))
     scale, good = state.loss_scale, state.good_steps
