@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from cnnlab import workdir
 
-STATES = ('running', 'finished', 'failed', 'preempted', 'interrupted', 'new')
+STATES = ('running', *workdir.OUTCOMES, 'new')
 _NOT_RUNS = (workdir.CHECKPOINTS, workdir.TENSORBOARD, 'plots')
 
 

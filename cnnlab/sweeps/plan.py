@@ -236,10 +236,12 @@ def select(points: Sequence[Point], indices: str) -> list[Point]:
 
 # ---- the state of a run directory ----
 
-def fingerprint(config: Mapping[str, Any]) -> dict[str, Any]:
-  """The flattened config minus IGNORED_KEYS: what makes two runs the same run."""
+def fingerprint(config: Mapping[str, Any],
+                ignored: Sequence[str] = IGNORED_KEYS) -> dict[str, Any]:
+  """The flattened config minus the `ignored` keys and sections (IGNORED_KEYS: what makes two
+  runs the same run)."""
   return {k: v for k, v in config_lib.flatten(config).items()
-          if not any(k == i or k.startswith(i + '.') for i in IGNORED_KEYS)}
+          if not any(k == i or k.startswith(i + '.') for i in ignored)}
 
 
 def mismatch(point: Point) -> str | None:

@@ -100,8 +100,7 @@ def _derive_overrides(runs: list[RunDir]) -> None:
   bare = [r for r in runs if r.overrides is None]
   if not bare:
     return
-  flat = [{k: v for k, v in sweep.fingerprint(r.config).items()
-           if not any(k == i or k.startswith(i + '.') for i in NOT_COMPARED)}
+  flat = [sweep.fingerprint(r.config, (*sweep.IGNORED_KEYS, *NOT_COMPARED))
           for r in runs if r.config is not None]
   keys = sorted({k for f in flat for k in f if any(g.get(k) != f.get(k) for g in flat)})
   for run in bare:

@@ -16,6 +16,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+from cnnlab.workdir import headline  # no JAX: `cnnlab train --help` stays quick
+
 # The first words of the one line a refused launch prints (the sweep runner reads it back).
 ERROR_PREFIX = 'cnnlab train: error: '
 
@@ -45,7 +47,6 @@ def launch(config_file: str, workdir: str, overrides: Sequence[str] = (), *,
 
 def done_line(summary: dict[str, Any], workdir: str) -> str:
   """The one line that ends a run: steps, the final and best evaluation, times."""
-  from cnnlab.workdir import headline
   final, best = summary.get('final_eval') or {}, summary.get('best_eval') or {}
   metric, value = headline(final)
   metric, value = metric or 'loss', float('nan') if value is None else value

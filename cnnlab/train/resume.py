@@ -163,7 +163,10 @@ def record_launch(workdir: str, start_step: int, total_steps: int,
   WORKDIR/provenance.json, so every segment of a resumed run names the code that produced it.
   `end_launch` completes the entry with how the launch ended."""
   path = workdir_lib.safe_join(workdir, workdir_lib.PROVENANCE)
-  launches = (workdir_lib.read_json(path) or {}).get('launches', []) if os.path.exists(path) else []
+  launches = []
+  if os.path.exists(path):  # unreadable: fail, rather than drop the launches it lists
+    with open(path, encoding='utf-8') as f:
+      launches = json.load(f).get('launches', [])
   entry = {'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'started': time.time(),
            'start_step': start_step, 'total_steps': total_steps,
            'config_file': config_file and os.path.abspath(config_file), **code_version()}

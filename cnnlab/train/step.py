@@ -189,12 +189,13 @@ def make_eval_step(settings: StepSettings) -> Callable[[TrainState, dict], dict]
     logits = model.apply(state.variables, images, train=False)
     valid = batch['valid'].astype(jnp.float32) if 'valid' in batch else jnp.ones(logits.shape[:1])
     loss = cross_entropy(logits, batch['label'], settings.num_classes)
+    predicted = jnp.argmax(logits, -1)
     sums = {'loss': jnp.sum(loss * valid),
-            'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32) * valid),
+            'correct': jnp.sum((predicted == batch['label']).astype(jnp.float32) * valid),
             'count': jnp.sum(valid)}
     if settings.num_classes <= CONFUSION_MAX_CLASSES:
       k = settings.num_classes
-      sums['confusion'] = jnp.zeros((k, k), jnp.int32).at[batch['label'], jnp.argmax(logits, -1)].add(
+      sums['confusion'] = jnp.zeros((k, k), jnp.int32).at[batch['label'], predicted].add(
           valid.astype(jnp.int32))
     if settings.axis_name:
       sums = lax.psum(sums, settings.axis_name)
