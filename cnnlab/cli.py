@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help='only runs in this state (repeatable)')
   p.set_defaults(func=_runs)
 
+  from cnnlab import predict  # (numpy only until a command runs)
+  predict.add_parser(sub)
+
   p = sub.add_parser('prepare', help='download/generate a dataset into the data directory')
   p.add_argument('name', help='dataset name (see cnnlab.data.list_datasets())')
   p.add_argument('--data-dir', help='default: $CNNLAB_DATA_DIR, $TFDS_DATA_DIR or ~/.cache/cnnlab/datasets')

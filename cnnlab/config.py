@@ -91,7 +91,9 @@ def check_model_keys(config: ml_collections.ConfigDict) -> None:
     fields = models.get_spec(config.model.name).fields
   except ValueError:
     return
-  unknown = [k for k in config.model if k not in ('name', 'imports') and k not in fields]
+  # (num_classes is cnnlab's own key: unset, it is no argument a model without classes lacks)
+  unknown = [k for k in config.model if k not in ('name', 'imports') and k not in fields
+             and not (k == 'num_classes' and config.model.num_classes is None)]
   if unknown:
     close = difflib.get_close_matches(unknown[0], sorted(fields), n=1, cutoff=0.6)
     hint = f" Did you mean 'model.{close[0]}'?" if close else ''
@@ -224,10 +226,11 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   Raises ConfigError listing every problem (each naming its key). Returns facts derived on the
   way ({'info': DatasetInfo, 'num_classes': int, 'num_devices': int}) so callers need not
-  recompute them.
+  recompute them. (The keys that name the model's parameters, optim.freeze,
+  optim.lr_multipliers and the transfer section, are the training set-up's to check.)
   """
   import jax
-  from cnnlab import data, models
+  from cnnlab import data, models, tasks
   errors: list[str] = []
 
   def check(ok: bool, message: str) -> None:
@@ -244,7 +247,8 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, Any]:
   choice('optim.schedule', SCHEDULES)
   choice('parallel.strategy', STRATEGIES)
   choice('train.on_nonfinite', ('halt', 'skip'))
-  choice('checkpoint.best_mode', ('max', 'min'))
+  if config.checkpoint.best_mode is not None:
+    choice('checkpoint.best_mode', ('max', 'min'))
   choice('log.progress', ('auto', 'bar', 'plain', 'none'))
   for key in ('train.batch_size', 'train.log_every_steps', 'checkpoint.keep',
               'train.max_consecutive_skips'):
@@ -276,6 +280,15 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, Any]:
           f'{key}={value} is not divisible by the {num_devices} devices')
 
   info, num_classes = None, config.model.num_classes
+  task = None
+  if config.task.name not in tasks.TASK_NAMES:
+    errors.append(f'task.name={config.task.name!r}: expected one of {tasks.TASK_NAMES}')
+  else:
+    task = tasks.get(config.task.name)
+    best = tasks.headline(config)[0]
+    check(best == '' or best in task.metrics,
+          f'checkpoint.best_metric={best!r}: the {task.name} task\'s evaluation gives '
+          f'{", ".join(task.metrics)} (or \'\' for no best checkpoint)')
   try:
     data.augment._check(config.data.augment)
   except ValueError as e:
@@ -294,18 +307,29 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, Any]:
       split = config.data[key]
       check(split in info.splits, f'data.{key}={split!r}: {info.name} has splits {sorted(info.splits)}')
     if config.data.train_split in info.splits:
-      check(config.train.batch_size <= info.splits[config.data.train_split],
-            f'train.batch_size={config.train.batch_size} is larger than the '
-            f'{info.splits[config.data.train_split]} examples of {info.name}/{config.data.train_split}')
-    if num_classes is None:
-      num_classes = info.num_classes
-    check(num_classes == info.num_classes,
-          f'model.num_classes={config.model.num_classes} does not match {info.name}, which has '
-          f'{info.num_classes} classes')
+      size = info.splits[config.data.train_split]
+      per_class = config.data.examples_per_class
+      check(per_class >= 0, f'data.examples_per_class={per_class!r}: expected >= 0')
+      if per_class > 0:  # at most; a class with fewer examples gives fewer
+        size = min(size, per_class * info.num_classes)
+      check(config.train.batch_size <= size,
+            f'train.batch_size={config.train.batch_size} is larger than the {size} examples of '
+            f'{info.name}/{config.data.train_split}' +
+            (f' (data.examples_per_class={per_class})' if per_class > 0 else ''))
+  if info is not None and task is not None:
+    problems = tasks.check_config(config, info)
+    errors.extend(problems)
+    if not problems:
+      expected = task.model_classes(info)
+      if num_classes is None:
+        num_classes = expected
+      background = ' (its classes and the background)' if task.name == 'segmentation' else ''
+      check(num_classes == expected,
+            f'model.num_classes={config.model.num_classes} does not fit {task.name} on '
+            f'{info.name}, which needs {expected}{background}')
   try:
     models.import_modules(config.model.imports)
-    models.create_model(config.model.name,
-                        **{**models.model_kwargs(config.model), 'num_classes': num_classes or 1})
+    models.from_config(config, num_classes)
   except ValueError as e:
     errors.append(f'model: {e}')
   if errors:

@@ -1,4 +1,5 @@
-"""A trained run, loaded for use: `load_run(workdir)` -> LoadedRun with `predict(images)`.
+"""A trained run, loaded for use: `load_run(workdir)` -> LoadedRun with `predict(images)`, which
+returns what the run's task predicts (cnnlab.tasks).
 
 Nothing here trains, and the training loop does not need this module. A run directory loads on
 its own: its config.json names the model, model.json (written when the run starts) holds what
@@ -14,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from cnnlab import config as config_lib, models, workdir as workdir_lib
+from cnnlab import config as config_lib, models, tasks, workdir as workdir_lib
 from cnnlab.train.checkpoint import Checkpointer
 
 
@@ -23,15 +24,17 @@ class LoadedRun:
   `model.apply(run.variables, images, train=False)` on NHWC images normalised like training
   (`run.preprocess(images)` does that), or simply `run.predict(images)`.
 
-  Attributes: config, model, variables, step (of the checkpoint), image_shape (H, W, C the run
-  trained on), num_classes, mean and std (per channel, 0..1 scale).
+  Attributes: config, model, variables, step (of the checkpoint), task (a cnnlab.tasks.Task),
+  image_shape (H, W, C the run trained on), num_classes (the model's; None for a model of
+  pixels), mean and std (per channel, 0..1 scale).
   """
 
-  def __init__(self, config, model, variables, step: int, *, image_shape, num_classes: int,
-               mean, std):
+  def __init__(self, config, model, variables, step: int, *, image_shape,
+               num_classes: int | None, mean, std, task: tasks.Task | None = None):
     self.config, self.model, self.variables, self.step = config, model, variables, step
     self.image_shape, self.num_classes = tuple(image_shape), num_classes
     self.mean, self.std = tuple(mean), tuple(std)
+    self.task = task or tasks.create(config, num_classes)
 
   def preprocess(self, images, value_range: tuple[float, float] | None = None) -> jax.Array:
     """(B, H, W, C) images -> the model's float32 input, normalised as in training.
@@ -46,6 +49,10 @@ class LoadedRun:
     dtype = np.dtype(images.dtype)
     if images.ndim != 4:
       raise ValueError(f'predict takes (B, H, W, C) images, got shape {tuple(images.shape)}')
+    if tuple(images.shape[1:]) != self.image_shape:
+      h, w, c = self.image_shape
+      raise ValueError(f'images of shape {tuple(images.shape)}: this run was trained on {h}x{w} '
+                       f'images with {c} channel{"s" if c > 1 else ""}, (B, {h}, {w}, {c})')
     if dtype == np.uint8:
       if value_range not in (None, (0, 255)):
         raise ValueError(f'uint8 images are 0..255; value_range={value_range!r} does not apply')
@@ -68,9 +75,16 @@ class LoadedRun:
     scaled = (np.asarray(images, np.float32) - low) * (255.0 / (high - low))
     return augment.normalize(scaled, self.mean, self.std)
 
-  def predict(self, images, value_range: tuple[float, float] | None = None) -> jax.Array:
-    """(B, H, W, C) images -> (B, num_classes) logits; images as `preprocess` takes them."""
+  def outputs(self, images, value_range: tuple[float, float] | None = None):
+    """The model's raw output on (B, H, W, C) images (as `preprocess` takes them)."""
     return self.model.apply(self.variables, self.preprocess(images, value_range), train=False)
+
+  def predict(self, images, value_range: tuple[float, float] | None = None):
+    """What the run's task predicts for (B, H, W, C) images (as `preprocess` takes them):
+    classification (B, num_classes) logits; segmentation {'mask' (B, H, W), 'probabilities'
+    (B, H, W, K)}; localization {'label' (B,), 'probabilities' (B, K), 'box' (B, 4) (ymin, xmin,
+    ymax, xmax) in image fractions}; reconstruction {'reconstruction' (B, H, W, C) in 0..1}."""
+    return self.task.predict(self.outputs(images, value_range))
 
 
 def load_run(workdir: str, step: int | str | None = None) -> LoadedRun:
@@ -88,14 +102,14 @@ def load_run(workdir: str, step: int | str | None = None) -> LoadedRun:
   facts = run_facts(workdir, config)
   _importable(workdir)
   model = models.from_config(config, facts['num_classes'])
-  ckpt = Checkpointer(workdir, best_metric=config.checkpoint.best_metric,
-                      best_mode=config.checkpoint.best_mode, read_only=True)
+  best_metric, best_mode = tasks.headline(config)
+  ckpt = Checkpointer(workdir, best_metric=best_metric, best_mode=best_mode, read_only=True)
   try:
     if step == 'best':
       step = ckpt.best_step()
       if step is None:
         raise FileNotFoundError(f'no checkpoint in {ckpt.directory} carries an evaluation of '
-                                f'{config.checkpoint.best_metric!r}')
+                                f'{best_metric!r}')
     step = ckpt.latest_step() if step is None else int(step)
     restored = ckpt.restore_arrays(step)
   finally:
@@ -104,8 +118,11 @@ def load_run(workdir: str, step: int | str | None = None) -> LoadedRun:
   variables = {'params': params}
   if restored.get('batch_stats'):
     variables['batch_stats'] = restored['batch_stats']
+  class_names = facts.get('class_names')
   return LoadedRun(config, model, variables, step, image_shape=facts['image_shape'],
-                   num_classes=facts['num_classes'], mean=facts['mean'], std=facts['std'])
+                   num_classes=facts['num_classes'], mean=facts['mean'], std=facts['std'],
+                   task=tasks.create(config, facts['num_classes'],
+                                     None if class_names is None else tuple(class_names)))
 
 
 def run_facts(workdir: str, config) -> dict[str, Any]:
@@ -119,7 +136,8 @@ def run_facts(workdir: str, config) -> dict[str, Any]:
                    image_size=config.data.image_size, **data.builder_kwargs(config.data))
   mean, std = data.augment.normalization(config.data, info)
   return {'image_shape': list(info.image_shape),
-          'num_classes': config.model.num_classes or info.num_classes, 'mean': mean, 'std': std}
+          'num_classes': config.model.num_classes or info.num_classes, 'mean': mean, 'std': std,
+          'class_names': info.class_names}
 
 
 def _importable(workdir: str) -> None:

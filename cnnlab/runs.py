@@ -65,14 +65,15 @@ def status(path: str) -> RunStatus:
   summary = workdir.read_json(os.path.join(path, workdir.SUMMARY))
   launches = (workdir.read_json(os.path.join(path, workdir.PROVENANCE)) or {}).get('launches', [])
   last = launches[-1] if launches else {}
+  known = workdir.headline_metric(path)
   if summary is not None:
-    metric, value = workdir.headline(summary.get('final_eval'))
+    metric, value = workdir.headline(summary.get('final_eval'), known)
     return RunStatus(path, 'running' if workdir.is_locked(path) else 'finished',
                      summary.get('steps'), summary.get('steps'), metric, value,
                      summary.get('wall_time_s'))
   records = workdir.read_metrics(path)
   evaluations = [r for r in records if r.get('kind') == 'eval']
-  metric, value = workdir.headline(evaluations[-1] if evaluations else None)
+  metric, value = workdir.headline(evaluations[-1] if evaluations else None, known)
   steps = [int(r.get('step', 0)) for r in records]
   if last.get('end_step') is not None:
     steps.append(last['end_step'])
@@ -147,7 +148,8 @@ def plot_curves(path: str, out: str) -> str | None:
   if not records:
     return None
   evals = [r for r in records if r.get('kind') == 'eval']
-  metric = workdir.headline(evals[-1] if evals else None)[0] or 'accuracy'
+  metric = workdir.headline(evals[-1] if evals else None, workdir.headline_metric(path))[0] \
+      or 'accuracy'
   panels = (('loss', 'loss'), (metric, metric), ('learning_rate', 'learning rate'))
   fig = figure(13, 3.4)
   for i, (key, label) in enumerate(panels):
@@ -220,8 +222,10 @@ def write_report(path: str, *, plots: bool = True) -> dict[str, Any]:
   if matrix is None and st.state == 'finished' and 'accuracy' in (summary.get('final_eval') or {}):
     paths['notes'].append(f'{name}: no confusion matrix recorded (more classes than the '
                           'evaluation counts, or a run older than the record)')
+  # (a segmentation's matrix counts pixels: its per-class accuracy is the pixel accuracy)
+  accuracy = summary.get('per_class_accuracy', summary.get('per_class_pixel_accuracy'))
   if matrix is not None and plots:
-    paths['plots'].append(plot_confusion(matrix, summary['per_class_accuracy'],
+    paths['plots'].append(plot_confusion(matrix, accuracy,
                                          os.path.join(path, 'plots', 'confusion.png'), name))
   split = (config.get('data') or {}).get('eval_split', 'test')
   out = [f'# Run report: {name}', '',
@@ -248,11 +252,14 @@ def write_report(path: str, *, plots: bool = True) -> dict[str, Any]:
   out.append('')
   for plot in paths['plots']:
     out += [f'![{os.path.basename(plot)[:-4]}]({os.path.relpath(plot, path)})', '']
-  accuracy = summary.get('per_class_accuracy')
   if accuracy is not None:
     support = [sum(row) for row in matrix]
-    out += ['| class | examples | accuracy (%) |', '|---:|---:|---:|']
-    out += [f'| {i} | {n} | {"—" if a is None else f"{100 * a:.2f}"} |'
+    iou = summary.get('per_class_iou')
+    unit = 'pixels' if iou is not None else 'examples'
+    percent = lambda v: '—' if v is None else f'{100 * v:.2f}'  # noqa: E731
+    out += [f'| class | {unit} | accuracy (%) |' + (' IoU (%) |' if iou else ''),
+            '|---:|---:|---:|' + ('---:|' if iou else '')]
+    out += [f'| {i} | {n} | {percent(a)} |' + (f' {percent(iou[i])} |' if iou else '')
             for i, (n, a) in enumerate(zip(support, accuracy))]
     out.append('')
   if paths['notes']:

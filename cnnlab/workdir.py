@@ -174,13 +174,22 @@ def is_finished(workdir: str) -> bool:
   return os.path.exists(os.path.join(workdir, SUMMARY))
 
 
-def headline(evaluation: dict | None) -> tuple[str | None, float | None]:
-  """(name, value) of the metric that sums up an evaluation record: accuracy when there is one,
-  else its first metric other than the loss, else the loss."""
+def headline(evaluation: dict | None, metric: str | None = None) -> tuple[str | None, float | None]:
+  """(name, value) of the metric that sums up an evaluation record: `metric` (the run's task's
+  headline, recorded in model.json and summary.json) when the record has it; for a run from
+  before tasks, accuracy when there is one, else its first metric other than the loss, else the
+  loss."""
   evaluation = evaluation or {}
   names = [k for k in evaluation if k not in ('step', 'kind') and
            isinstance(evaluation[k], (int, float))]
   if not names:
     return None, None
+  if metric in names:
+    return metric, evaluation[metric]
   name = 'accuracy' if 'accuracy' in names else next((k for k in names if k != 'loss'), 'loss')
   return name, evaluation[name]
+
+
+def headline_metric(workdir: str) -> str | None:
+  """The run's headline metric as its model.json records it (None before tasks existed)."""
+  return ((read_json(os.path.join(workdir, MODEL)) or {}).get('headline') or {}).get('metric')

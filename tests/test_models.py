@@ -1,5 +1,6 @@
 """Every registered model: right shapes at its natural size in both modes; one model of each
-kind compiles and runs finite at another size.
+kind compiles and runs finite at another size. The output expected is the one of the task the
+model is registered for (registry.TASKS).
 
 Parametrised over list_models(), so a newly registered model is tested the moment it exists.
 """
@@ -16,6 +17,25 @@ from cnnlab import analysis, models
 RNGS = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
 
 
+def class_kwargs(name, num_classes):
+  """The num_classes override, for every model with classes (a reconstruction model has none)."""
+  return {} if models.get_spec(name).task == 'reconstruction' else {'num_classes': num_classes}
+
+
+def expected_shapes(name, batch, input_shape, num_classes):
+  """The output shape(s) a model's task reads (see cnnlab.models.registry)."""
+  h, w, c = input_shape
+  return {'classification': (batch, num_classes),
+          'segmentation': (batch, h, w, num_classes),
+          'localization': {'logits': (batch, num_classes), 'box': (batch, 4)},
+          'reconstruction': (batch, h, w, c)}[models.get_spec(name).task]
+
+
+def shapes(out):
+  """The output's shape, or a dict of shapes for a multi-output model."""
+  return {k: v.shape for k, v in out.items()} if isinstance(out, dict) else out.shape
+
+
 def small_shape(spec):
   """Another input size than the natural one: 64x64 for ImageNet models, else 4 px larger."""
   h, w, c = spec.input_shape
@@ -25,14 +45,15 @@ def small_shape(spec):
 @pytest.mark.parametrize('name', models.list_models())
 def test_output_shapes_at_natural_size(name):
   spec = models.get_spec(name)
-  model = models.create_model(name, num_classes=7)
+  model = models.create_model(name, **class_kwargs(name, 7))
   x = jax.ShapeDtypeStruct((3, *spec.input_shape), jnp.float32)
   variables = jax.eval_shape(functools.partial(model.init, RNGS, train=False), x)
   for train in (False, True):
     out = jax.eval_shape(lambda v, x: model.apply(v, x, train=train, rngs=RNGS,
                                                   mutable=['batch_stats', 'intermediates']),
                          variables, x)[0]
-    assert out.shape == (3, 7) and out.dtype == jnp.float32
+    assert shapes(out) == expected_shapes(name, 3, spec.input_shape, 7)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(out))
 
 
 def variant_key(name):
@@ -56,12 +77,15 @@ def representatives():
 # computed there, not again here.
 TRAINED_BY_AN_EXPERIMENT = {'conv_stack', 'googlenet', 'resnet18', 'resnet20', 'resnet50',
                             'simple_cnn'}
+# Their gradients reach every layer: tests/test_dense_models.py (test_gradients_are_finite_...).
+GRADIENTS_IN_TEST_DENSE_MODELS = {'conv_autoencoder', 'fcn', 'localizer', 'unet'}
+GRADIENTS_ELSEWHERE = TRAINED_BY_AN_EXPERIMENT | GRADIENTS_IN_TEST_DENSE_MODELS
 
 
 @pytest.mark.parametrize('name', representatives())
 def test_compiles_and_runs_in_train_and_eval_mode(name):
   spec = models.get_spec(name)
-  model = models.create_model(name, num_classes=5)
+  model = models.create_model(name, **class_kwargs(name, 5))
   x = jax.random.normal(jax.random.key(2), (2, *small_shape(spec)))
 
   @jax.jit
@@ -72,8 +96,8 @@ def test_compiles_and_runs_in_train_and_eval_mode(name):
       out, updates = model.apply({**variables, 'params': params}, x, train=True,
                                  rngs={'dropout': jax.random.key(3)},
                                  mutable=['batch_stats', 'intermediates'])
-      return jnp.sum(out ** 2), (out, updates)
-    if name in TRAINED_BY_AN_EXPERIMENT:
+      return sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(out)), (out, updates)
+    if name in GRADIENTS_ELSEWHERE:
       grads, (train_out, updates) = {}, train(variables['params'])[1]
     else:
       grads, (train_out, updates) = jax.grad(train, has_aux=True)(variables['params'])
@@ -84,14 +108,15 @@ def test_compiles_and_runs_in_train_and_eval_mode(name):
   # It runs once: compiled without LLVM's optimisations, as cnnlab compiles an initial state.
   compiled = run.lower(x).compile(compiler_options={'xla_backend_optimization_level': 0})
   train_out, eval_out, again, updates, grads = compiled(x)
-  assert train_out.shape == eval_out.shape == (2, 5)
-  assert np.isfinite(train_out).all() and np.isfinite(eval_out).all()
+  assert shapes(train_out) == shapes(eval_out) == expected_shapes(name, 2, x.shape[1:], 5)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves((train_out, eval_out)))
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
-  assert name in TRAINED_BY_AN_EXPERIMENT or any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
-  np.testing.assert_array_equal(eval_out, again)  # eval mode is deterministic
+  assert name in GRADIENTS_ELSEWHERE or any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
+  jax.tree.map(np.testing.assert_array_equal, eval_out, again)  # eval mode is deterministic
   assert updates['intermediates'], 'models sow per-stage features into intermediates'
-  if 'batch_stats' in updates:
-    assert not np.allclose(train_out, eval_out)  # batch statistics differ from running ones
+  if 'batch_stats' in updates:  # batch statistics differ from running ones
+    flat = lambda out: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(out)])
+    assert not np.allclose(flat(train_out), flat(eval_out))
 
 
 # Parameter counts of torchvision's models for the same configuration (1000 classes, 224x224x3).
@@ -230,7 +255,7 @@ def test_a_model_that_can_batch_norm_takes_the_pmap_axis(name):
   have batch norm without that argument keeps one set of statistics per replica."""
   fields = models.get_spec(name).fields
   kwargs = {'norm': 'batch'} if 'norm' in fields else {}
-  model = models.create_model(name, num_classes=3, **kwargs)
+  model = models.create_model(name, **class_kwargs(name, 3), **kwargs)
   shape = (1, *models.get_spec(name).input_shape)
   variables = jax.eval_shape(functools.partial(model.init, RNGS), jnp.zeros(shape))
   if 'batch_stats' in variables:

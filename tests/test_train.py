@@ -11,6 +11,7 @@ import pytest
 
 import cnnlab
 from cnnlab import cli, config as config_lib, data
+from cnnlab.tasks.classification import cross_entropy
 from cnnlab.train import loop, step as step_lib
 from cnnlab.workdir import read_metrics
 
@@ -86,7 +87,7 @@ def test_validation_lists_every_problem_at_once(data_dir):
 def test_validation_of_dataset_and_classes(data_dir):
   with pytest.raises(config_lib.ConfigError, match="data.name='mnist6k': unknown dataset.*mnist5k"):
     config_lib.validate(make_config('quickstart', data_dir, data__name='mnist6k'))
-  with pytest.raises(config_lib.ConfigError, match='model.num_classes=5 does not match mnist5k, which has 10'):
+  with pytest.raises(config_lib.ConfigError, match='model.num_classes=5 does not fit classification on mnist5k, which needs 10'):
     config_lib.validate(make_config('quickstart', data_dir, model__num_classes=5))
   with pytest.raises(config_lib.ConfigError, match="model: model 'conv_stack' has no argument 'kernel'"):
     config = make_config('quickstart', data_dir)
@@ -112,12 +113,12 @@ def test_label_smoothing_is_torchs_and_the_step_uses_it(data_dir):
     expected = torch.nn.functional.cross_entropy(
         torch.tensor(np.asarray(logits)), torch.tensor(np.asarray(labels, np.int64)), reduction='none',
         label_smoothing=smoothing).numpy()
-    np.testing.assert_allclose(step_lib.cross_entropy(logits, labels, 10, smoothing), expected,
+    np.testing.assert_allclose(cross_entropy(logits, labels, 10, smoothing), expected,
                                rtol=1e-5, atol=1e-6)
   run = loop.setup(tiny(data_dir, train__label_smoothing=0.1, parallel__num_devices=1))
-  loss = step_lib.classification_loss(logits, {'label': labels}, run.settings)
-  np.testing.assert_allclose(loss, step_lib.cross_entropy(logits, labels, 10, 0.1), rtol=1e-6)
-  assert not np.allclose(loss, step_lib.cross_entropy(logits, labels, 10, 0.0))
+  loss = run.task.per_example_loss(logits, {'label': labels})
+  np.testing.assert_allclose(loss, cross_entropy(logits, labels, 10, 0.1), rtol=1e-6)
+  assert not np.allclose(loss, cross_entropy(logits, labels, 10, 0.0))
 
 
 # ---- end to end ----

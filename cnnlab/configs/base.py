@@ -10,6 +10,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cnnlab.data import default_config as data_config
+from cnnlab.tasks.config import default_config as task_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -27,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Experiments add the model's own arguments here (c.model.filters = (32, 64), ...).
 
   c.data = data_config()
+  c.task = task_config()  # what the model is trained to do: classification, segmentation, ...
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128  # global batch, examples per step over all devices and hosts
@@ -65,6 +67,27 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.clip_norm = 0.0  # clip gradients to this global L2 norm; 0 = off
   c.optim.ema_decay = 0.0  # > 0: keep an exponential moving average of the parameters (e.g.
   #                          0.999 per step) and evaluate with it
+  # Parameters not trained, by path pattern (fnmatch on '/'-joined paths, a module's path covering
+  # everything under it: ('encoder',), ('stage1_*', '*/norm/*')): no update, no weight decay, no
+  # optimizer state; a batch norm whose parameters are frozen normalises with its running
+  # statistics in training and keeps them. A linear probe freezes everything but the head.
+  c.optim.freeze = ()
+  # (pattern, factor) pairs: matching parameters train with learning_rate x factor (the first
+  # matching pattern applies), e.g. (('encoder', 0.1),) to fine-tune a pretrained encoder gently.
+  c.optim.lr_multipliers = ()
+
+  # Transfer learning: start from the weights of another run directory (or of converted weights,
+  # cnnlab.pretrained.save_converted). Each parameter and batch-norm statistic whose path exists
+  # there with the same shape is copied (from its EMA parameters when it kept them); the others
+  # keep their fresh initialisation. Both are listed on stderr and in WORKDIR/transfer.json.
+  # Applied when the run starts, never on resume (the run's own checkpoint wins).
+  c.transfer = ml_collections.ConfigDict()
+  c.transfer.init_from = config_dict.placeholder(str)  # a run directory; None = from scratch
+  # The source's checkpoint: 'latest' | 'best' (by its checkpoint.best_metric) | a step number.
+  c.transfer.init_step = config_dict.FieldReference('latest', field_type=object)
+  # Path patterns (as optim.freeze) of tensors initialised afresh even where the source has them
+  # with the same shape, e.g. ('head',) for a new classifier on the same classes.
+  c.transfer.init_exclude = ()
 
   c.parallel = ml_collections.ConfigDict()
   # 'jit': one jax.jit over a Mesh, batch sharded on the 'data' axis, state replicated (or FSDP)
@@ -83,8 +106,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 0  # steps between checkpoints; 0 = only at the end
   c.checkpoint.keep = 2  # most recent checkpoints kept (the best is kept as well)
-  c.checkpoint.best_metric = 'accuracy'  # eval metric that picks the best checkpoint
-  c.checkpoint.best_mode = 'max'  # 'max' | 'min'
+  # Evaluation metric that picks the best checkpoint; None = the task's headline metric
+  # (classification 'accuracy', segmentation 'miou', localization 'localized', reconstruction
+  # 'psnr'), also what `cnnlab runs` and `cnnlab report` show.
+  c.checkpoint.best_metric = config_dict.placeholder(str)
+  # 'max' | 'min'; None = the task's for its headline, 'min' for 'loss'/'mse', else 'max'.
+  c.checkpoint.best_mode = config_dict.placeholder(str)
   c.checkpoint.allow_config_change = False  # resume even if structural keys differ from config.json
 
   c.log = ml_collections.ConfigDict()

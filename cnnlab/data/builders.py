@@ -46,6 +46,10 @@ class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """The settings the stored data is a function of (checked against the cache on load)."""
     return {}
 
+  def class_names(self) -> tuple[str, ...]:
+    """Label k's name (digits by default)."""
+    return tuple(str(k) for k in range(self.NUM_CLASSES))
+
   def _examples(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     raise NotImplementedError
 

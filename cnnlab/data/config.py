@@ -97,6 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
   # 'auto' ('device' when the split's uint8 arrays fit `cnnlab.data.DEVICE_BUDGET_BYTES`, 2 GiB).
   c.pipeline = 'auto'
   c.train_split = 'train'
+  # Scarce labels: train on only the first N examples of each class of the train split (in stored
+  # order, so 10 per class is a subset of 100 per class); 0 = all. Device pipeline only.
+  c.examples_per_class = 0
   c.eval_split = 'test'  # 'validation' for imagenette and imagenet2012
   # Side in pixels that variable-size images (imagenette, imagenet2012) are resized to: shorter
   # side to this, then a centre crop to a square. None = keep the native size (fixed-size sets).

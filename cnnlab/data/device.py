@@ -76,6 +76,16 @@ def constrain(tree, sharding: jax.sharding.Sharding):
   return jax.lax.with_sharding_constraint(tree, sharding)
 
 
+def first_per_class(arrays: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+  """The first `n` examples of each class (fewer where a class has fewer), in stored order."""
+  labels = arrays['label']
+  rank = np.zeros_like(labels)
+  for k in np.unique(labels):
+    rank[labels == k] = np.arange(np.sum(labels == k))
+  keep = rank < n
+  return {key: value[keep] for key, value in arrays.items()}
+
+
 def like_batch(x: jax.Array, batch_array: jax.Array) -> jax.Array:
   """Gives per-example values x (B, ...) the batch-axis sharding of `batch_array` (B, ...).
 
@@ -146,13 +156,15 @@ class DevicePipeline:
   def create(cls, name: str, split: str, *, batch_size: int, seed: int,
              sharding_replicated: jax.sharding.Sharding, sharding_batch: jax.sharding.Sharding,
              data_dir: str | None = None, shuffle: bool = True, image_size: int | None = None,
-             **builder_kwargs) -> 'DevicePipeline':
+             examples_per_class: int = 0, **builder_kwargs) -> 'DevicePipeline':
     info = registry.info(name, data_dir=data_dir, image_size=image_size, **builder_kwargs)
     if name == 'synthetic':  # generated on the device, never on the host
       arrays = synthetic.device_arrays(split, sharding_replicated, **builder_kwargs)
     else:
       source = registry.load(name, split, data_dir=data_dir, **builder_kwargs)
       host = sources.read_split(info, split, source, image_size=image_size)
+      if examples_per_class:
+        host = first_per_class(host, examples_per_class)
       arrays = {key: place(value, sharding_replicated) for key, value in host.items()}
     num_examples = int(arrays['label'].shape[0])
     return cls(name=name, split=split, info=info, arrays=arrays, batch_size=batch_size,

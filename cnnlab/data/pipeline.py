@@ -33,15 +33,19 @@ def choose(config_data: ml_collections.ConfigDict, split: str) -> str:
 def make_pipeline(config_data: ml_collections.ConfigDict, *, split: str, batch_size: int, seed: int,
                   sharding_replicated: jax.sharding.Sharding,
                   sharding_batch: jax.sharding.Sharding,
-                  shuffle: bool = True) -> DevicePipeline | GrainPipeline:
+                  shuffle: bool = True, examples_per_class: int = 0) -> DevicePipeline | GrainPipeline:
   """The pipeline `config.data` selects for `split`. Both have `.kind`, `.info`,
   `.steps_per_epoch`, `.iterate(start_step)` and `.eval_batches()`; a device pipeline also has
-  `.arrays` and `.batch_fn()` for drawing batches inside the jitted step."""
+  `.arrays` and `.batch_fn()` for drawing batches inside the jitted step. `examples_per_class`
+  > 0 keeps the first that many examples of each class (device pipeline only)."""
   common = dict(batch_size=batch_size, seed=seed, sharding_batch=sharding_batch,
                 data_dir=config_data.data_dir, shuffle=shuffle,
                 image_size=config_data.image_size, **data_config.builder_kwargs(config_data))
   if choose(config_data, split) == 'device':
     return DevicePipeline.create(config_data.name, split, sharding_replicated=sharding_replicated,
-                                 **common)
+                                 examples_per_class=examples_per_class, **common)
+  if examples_per_class:
+    raise DataError(f'data.examples_per_class={examples_per_class} needs the device pipeline; '
+                    f'{config_data.name}/{split} goes through grain (data.pipeline)')
   return GrainPipeline.create(config_data.name, split, num_workers=config_data.grain_workers,
                               prefetch=config_data.grain_prefetch, **common)

@@ -43,7 +43,8 @@ class DatasetInfo:
   has_mask: bool = False
   has_bbox: bool = False
   num_mask_classes: int = 0
-  eval_split: str = 'test'  # the held-out split's name ('validation' for ImageNet-style sets)
+  eval_split: str = 'test'
+  class_names: tuple[str, ...] | None = None  # label k's name, where the dataset has names  # the held-out split's name ('validation' for ImageNet-style sets)
 
   def split_size(self, split: str) -> int:
     if split not in self.splits:
@@ -192,7 +193,8 @@ def info(name: str, *, data_dir: str | None = None, image_size: int | None = Non
         splits={s: int(v.num_examples) for s, v in builder.info.splits.items()},
         mean=tuple(metadata['mean']), std=tuple(metadata['std']),
         has_mask=builder.HAS_MASK, has_bbox=builder.HAS_MASK,
-        num_mask_classes=builder.NUM_CLASSES + 1 if builder.HAS_MASK else 0)
+        num_mask_classes=builder.NUM_CLASSES + 1 if builder.HAS_MASK else 0,
+        class_names=builder.class_names())
   data_dir = resolve_data_dir(data_dir)
   feats = public.features(name, data_dir, **builder_kwargs)
   splits = feats['splits']

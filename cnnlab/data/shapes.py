@@ -152,6 +152,9 @@ class Shapes(EmbeddedBuilder):
   def params(self):
     return dict(self._params)
 
+  def class_names(self):
+    return SHAPE_NAMES[:self.NUM_CLASSES]
+
   def _examples(self, split):
     p = self._params
     count = p['num_train'] if split == 'train' else p['num_test']

@@ -6,13 +6,19 @@ written out (`batch_norm_train`), which XLA:CPU runs far faster than its own red
 platforms the same arithmetic goes through `jnp.sum` and autodiff. The choice is made for the
 platform the computation is compiled for (`lax.platform_dependent`), not for the process's
 default backend.
+
+Frozen batch norm (`frozen_batch_norm(paths)`, what `optim.freeze` uses): the BatchNorm layers at
+the given module paths normalise with their running statistics in training too and leave them
+unchanged, as a frozen backbone's layers should; no model code takes part.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import flax.linen as nn
 import jax
@@ -26,6 +32,28 @@ from cnnlab.layers.common import NORMS, check_choice
 # float32 rounding error grew with the row count: 1.4e-5 relative for 128x32x32x64 against 2e-7
 # with 128 partial sums, which are also faster (3.9 ms against 0.9; bench/bench_channel_sum.py).
 CHANNEL_SUM_SPLIT = 128
+
+
+# Module paths ('stage1_conv1/norm') of the BatchNorm layers frozen in the computation being traced.
+_frozen: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar('cnnlab_frozen_batch_norm',
+                                                                        default=frozenset())
+
+
+@contextlib.contextmanager
+def frozen_batch_norm(paths: Iterable[str]) -> Iterator[None]:
+  """Within the block, the BatchNorm layers at the '/'-joined module `paths` ('stage1_conv1/norm',
+  as in the model's variables) behave as in inference even when called with training on: they
+  normalise with their running statistics and do not update them (their 'batch_stats' come back
+  unchanged from `apply(..., mutable=['batch_stats'])`).
+
+  Read when a computation is traced, not when it runs: enter it inside the function that is
+  jitted (the train step does, around `model.apply`), so the compiled step carries it.
+  """
+  token = _frozen.set(frozenset(paths))
+  try:
+    yield
+  finally:
+    _frozen.reset(token)
 
 
 def _stats_dtype(x: jax.Array):
@@ -128,7 +156,8 @@ class BatchNorm(nn.Module):
   Its variables, defaults and arithmetic are Flax's (params 'scale', 'bias'; batch_stats 'mean',
   'var'; momentum-weighted running averages; biased variance E[x^2] - E[x]^2, statistics in
   float32), so checkpoints and model surgery treat the two alike. The training-mode statistics and
-  the gradient's sums go through `channel_sum` (`batch_norm_train`).
+  the gradient's sums go through `channel_sum` (`batch_norm_train`). Inside `frozen_batch_norm`
+  naming its path, it uses its running statistics whatever `use_running_average` says.
   """
   use_running_average: bool = False
   momentum: float = 0.99
@@ -147,7 +176,8 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
     out_dtype = self.dtype or jnp.promote_types(x.dtype, self.param_dtype)
-    if self.use_running_average:
+    frozen = _frozen.get()
+    if self.use_running_average or (frozen and '/'.join(self.path) in frozen):
       mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
       return ((x.astype(_stats_dtype(x)) - ra_mean.value) * mul + bias).astype(out_dtype)
     # Initialisation runs outside pmap, so the axis does not exist then (as in Flax).

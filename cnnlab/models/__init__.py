@@ -3,14 +3,21 @@
   registry    register, create_model, list_models, get_spec, from_config (the model of a config)
   simple      simple_cnn, lenet5, conv_stack (the ablation stack)
   alexnet, vgg, resnet, inception    the classic families, with torchvision's layer sizes
+  unet, fcn       segmentation: per-pixel logits (B, H, W, classes)
+  localizer       classification + localisation on a backbone: {'logits', 'box'}
+  autoencoder     conv_autoencoder (reconstruction: pixel logits) and conv_encoder, the classifier
+                  on its encoder
+  backbone        how fcn and localizer build a registered classifier as their backbone
 
 A user's architecture is one decorated class in the user's own file (`from cnnlab.models import
 register`); see `registry`.
 """
 
-from cnnlab.models.registry import (DTYPES, ModelSpec, create_model, from_config, get_spec,
+from cnnlab.models.registry import (DTYPES, TASKS, ModelSpec, create_model, from_config, get_spec,
                                     import_modules, list_models, model_kwargs, register)
-from cnnlab.models import alexnet, inception, resnet, simple, vgg  # noqa: F401,E402  (they register)
+# They register their models.
+from cnnlab.models import (alexnet, autoencoder, fcn, inception, localizer,  # noqa: F401,E402
+                           resnet, simple, unet, vgg)
 
 __all__ = ['register', 'create_model', 'list_models', 'get_spec', 'import_modules', 'ModelSpec',
-           'DTYPES', 'model_kwargs', 'from_config']
+           'TASKS', 'DTYPES', 'model_kwargs', 'from_config']

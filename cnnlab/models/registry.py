@@ -16,8 +16,15 @@ and name it in a config (`config.model.name = 'my_net'`, with the module listed 
     register('resnet18', input_shape=(224, 224, 3))(partial(ResNet, stage_sizes=(2, 2, 2, 2), ...))
 
 Every model is called as `model.apply(variables, images, train=bool, rngs=...)` with NHWC images
-and returns logits (B, num_classes); per-stage features and auxiliary logits are `sow`n into the
-'intermediates' collection.
+(B, H, W, C) and returns what its `task` (registered with it) reads:
+
+  classification   logits (B, num_classes)
+  segmentation     per-pixel logits (B, H, W, num_classes) at the input resolution, float32
+  localization     {'logits': (B, num_classes), 'box': (B, 4)}, the box (ymin, xmin, ymax, xmax)
+                   in [0, 1] with min <= max
+  reconstruction   pixel logits (B, H, W, C) (a sigmoid gives the 0..1 image)
+
+Per-stage features and auxiliary logits are `sow`n into the 'intermediates' collection.
 """
 
 from __future__ import annotations
@@ -31,14 +38,21 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+# What a model's output is for (see the module docstring for each one's output).
+from cnnlab.tasks.names import TASK_NAMES as TASKS
+
+
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """A registered model: its factory and the input it was designed for (H, W, C)."""
+  """A registered model: its factory, the input it was designed for (H, W, C), its natural number
+  of classes (0 for a reconstruction model, which has none) and the task its output fits."""
   name: str
   factory: Callable[..., nn.Module]
   input_shape: tuple[int, int, int]
   num_classes: int
+  task: str = 'classification'
 
   @property
   def fields(self) -> dict[str, Any]:
@@ -61,21 +75,34 @@ def _unwrap(factory) -> tuple[type, dict[str, Any]]:
   return factory, bound
 
 
-def register(name: str, *, input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 1000):
+def register(name: str, *, input_shape: Sequence[int] = (224, 224, 3), num_classes: int = 1000,
+             task: str = 'classification'):
   """Decorator registering a Flax module class (or a partial of one) under `name`.
 
   `input_shape` (H, W, C) and `num_classes` record the natural setting, used by tests,
-  `cnnlab summary` and benchmarks; the model itself takes any size its layers allow.
+  `cnnlab summary` and benchmarks; the model itself takes any size its layers allow. `task` (one of
+  TASKS) is what the model's output is for, which fixes its shape (see the module docstring).
   """
+  if task not in TASKS:
+    raise ValueError(f'register({name!r}): task must be one of {TASKS}, got {task!r}')
   def decorator(factory):
     cls, _ = _unwrap(factory)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
       raise TypeError(f'register({name!r}) needs a flax.linen.Module class or a partial of one, got {cls!r}')
     if name in _REGISTRY and _REGISTRY[name].factory is not factory:
       raise ValueError(f'model {name!r} is already registered (by {_REGISTRY[name].factory!r})')
-    _REGISTRY[name] = ModelSpec(name, factory, tuple(input_shape), num_classes)
+    _REGISTRY[name] = ModelSpec(name, factory, tuple(input_shape), num_classes, task)
     return factory
   return decorator
+
+
+def check_num_classes(value: int, *, zero_ok: bool = False) -> None:
+  """ValueError unless `num_classes` is an int >= 1, or >= 0 with `zero_ok` (a backbone's
+  num_classes=0, timm's convention: the pooled features instead of logits)."""
+  least = 0 if zero_ok else 1
+  if isinstance(value, bool) or not isinstance(value, int) or value < least:
+    hint = ' (0: pooled features, no classifier)' if zero_ok else ''
+    raise ValueError(f'num_classes must be an int >= {least}{hint}, got {value!r}')
 
 
 def list_models() -> list[str]:
@@ -135,11 +162,14 @@ def model_kwargs(model_config) -> dict[str, Any]:
 
 def from_config(config, num_classes: int, axis_name: str | None = None) -> nn.Module:
   """The model a config describes (`config.model`, importing `config.model.imports` first), with
-  `num_classes`, the compute dtype (`config.dtype`) and pmap's batch-norm axis where the model
-  takes them."""
+  `num_classes` (not for a reconstruction model without classes), the compute dtype
+  (`config.dtype`) and pmap's batch-norm axis where the model takes them."""
   import_modules(config.model.imports)
-  kwargs = {**model_kwargs(config.model), 'num_classes': num_classes}
-  fields = get_spec(config.model.name).fields
+  spec = get_spec(config.model.name)
+  fields = spec.fields
+  kwargs = model_kwargs(config.model)
+  if spec.task != 'reconstruction' or 'num_classes' in fields:
+    kwargs['num_classes'] = num_classes
   if 'dtype' in fields and 'dtype' not in kwargs:
     kwargs['dtype'] = DTYPES[config.dtype]
   if axis_name and 'bn_axis_name' in fields:
@@ -148,4 +178,4 @@ def from_config(config, num_classes: int, axis_name: str | None = None) -> nn.Mo
 
 
 __all__ = ['register', 'create_model', 'list_models', 'get_spec', 'import_modules', 'ModelSpec',
-           'DTYPES', 'model_kwargs', 'from_config']
+           'TASKS', 'DTYPES', 'model_kwargs', 'from_config', 'check_num_classes']

@@ -10,7 +10,7 @@ import jax
 from cnnlab import geometry
 from cnnlab.layers import (POOLS, ConvBlock, GlobalPool, activation, as_logits, check_choice,
                            make_pool)
-from cnnlab.models.registry import register
+from cnnlab.models.registry import check_num_classes, register
 
 
 def _flatten(x: jax.Array) -> jax.Array:
@@ -90,6 +90,10 @@ class ConvStack(nn.Module):
     norm: 'batch' | 'group' | 'layer' | 'none'.  act: activation name.
     head: 'global_avg' | 'global_max' | 'flatten'.  hidden: dense widths before the classifier.
     dropout: rate before each dense layer.
+    num_classes: 0 returns the pooled pre-logits features (B, D) (after `hidden`), with no
+      classifier layer: timm's backbone convention.
+    features_only: return the per-stage feature maps [(B, H_i, W_i, filters[i]), ...] (after each
+      stage's pool; `feature_reductions()` gives their strides), with no head layers at all.
   """
   num_classes: int = 10
   filters: Sequence[int] = (32, 64)
@@ -107,8 +111,10 @@ class ConvStack(nn.Module):
   dropout: float = 0.0
   dtype: Any = None
   bn_axis_name: str | None = None
+  features_only: bool = False
 
   def __post_init__(self):
+    check_num_classes(self.num_classes, zero_ok=True)
     if not self.filters:
       raise ValueError('filters must name at least one stage')
     for f in self.filters:
@@ -139,10 +145,22 @@ class ConvStack(nn.Module):
       return list(value)
     return [value] * len(self.filters)
 
+  def feature_reductions(self) -> list[int]:
+    """Each stage's output stride relative to the input (timm's feature_info.reduction()): the
+    product of the conv strides and pool strides so far."""
+    reductions, total = [], 1
+    for stride, pool, size, pool_stride in zip(*(self.per_stage(n) for n in (
+        'stride', 'pool', 'pool_size', 'pool_stride'))):
+      total *= stride * (1 if pool == 'none' else pool_stride or size)
+      reductions.append(total)
+    return reductions
+
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array | list[jax.Array]:
+    """Images (B, H, W, C) -> logits (B, num_classes); see num_classes and features_only."""
     stages = zip(self.filters, *(self.per_stage(n) for n in (
         'kernel_size', 'stride', 'padding', 'pool', 'pool_size', 'pool_stride')))
+    feature_maps = []
     for i, (features, kernel, stride, padding, pool, pool_size, pool_stride) in enumerate(stages, 1):
       for j in range(1, self.convs_per_stage + 1):
         x = ConvBlock(features, kernel, stride if j == 1 else 1, padding=padding, norm=self.norm,
@@ -151,6 +169,9 @@ class ConvStack(nn.Module):
       pool_layer = make_pool(pool, pool_size, pool_stride, name=f'stage{i}_pool')
       x = x if pool_layer is None else pool_layer(x)
       self.sow('intermediates', f'stage{i}', x)
+      feature_maps.append(x)
+    if self.features_only:
+      return feature_maps
     if self.head == 'flatten':
       x = _flatten(x)
     else:
@@ -159,5 +180,7 @@ class ConvStack(nn.Module):
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
       x = activation(self.act)(nn.Dense(features, dtype=self.dtype, name=f'fc{i}')(x))
     self.sow('intermediates', 'pre_logits', x)
+    if self.num_classes == 0:
+      return x
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return as_logits(nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x))

@@ -2,12 +2,17 @@
 
 Writes into ROOT:
   results.csv   one row per configuration: the swept values, number of seeds, mean and sample
-                standard deviation (over seeds) of the final evaluation accuracy and loss,
-                parameters, MACs per example, receptive field, wall time and images/s per run.
+                standard deviation (over seeds) of the final evaluation's headline metric and
+                loss, parameters, MACs per example, receptive field, wall time and images/s per
+                run.
   report.md     the same table, the sweep's command and wall time, failed and unfinished runs.
-  plots/accuracy_vs_<key>.png   accuracy against each swept key: one line per combination of the
-                other keys, error bars = std over seeds.
-  plots/curves/<configuration>.png   training loss and evaluation accuracy per step, one line per seed.
+  plots/<metric>_vs_<key>.png   the headline metric against each swept key: one line per
+                combination of the other keys, error bars = std over seeds.
+  plots/curves/<configuration>.png   training loss and the evaluation's headline metric per step,
+                one line per seed.
+
+The headline metric is the runs' task's (cnnlab.tasks: accuracy for classification, mIoU for
+segmentation, ...) or their `checkpoint.best_metric`.
 
 A configuration is a point of the sweep without its seed. The swept keys come from each run's
 point.json (written by `cnnlab sweep`); for run directories made otherwise they are the config
@@ -25,8 +30,9 @@ from typing import Any, Sequence
 
 from cnnlab import runs as runs_lib, workdir
 from cnnlab.sweeps import plan as sweep
+from cnnlab.tasks import names as task_names
 
-CSV_FIELDS = ('accuracy_mean', 'accuracy_std', 'loss_mean', 'loss_std', 'seeds', 'params', 'macs',
+CSV_FIELDS = ('{metric}_mean', '{metric}_std', 'loss_mean', 'loss_std', 'seeds', 'params', 'macs',
               'receptive_field', 'wall_time_s', 'images_per_sec', 'runs')
 
 
@@ -50,8 +56,9 @@ class Row:
   """One configuration: its swept values (seed excluded) and its runs' aggregates."""
   values: dict[str, Any]
   runs: list[RunDir]
-  accuracy_mean: float
-  accuracy_std: float | None  # None with one seed
+  metric: str  # the headline metric (accuracy, miou, ...)
+  metric_mean: float
+  metric_std: float | None  # None with one seed
   loss_mean: float
   loss_std: float | None
   params: int | None
@@ -120,21 +127,30 @@ def _key(value) -> str:
   return json.dumps(value, sort_keys=True, default=repr)
 
 
+def headline(runs: Sequence[RunDir]) -> tuple[str, str]:
+  """(metric, 'max' | 'min') that sums the runs up: their task's headline (the first run with
+  a config decides; a sweep changes settings, not the task)."""
+  config = next((r.config for r in runs if r.config is not None), {})
+  metric, mode = task_names.headline(config)
+  return metric or task_names.HEADLINES[task_names.task_name(config)][0], mode
+
+
 def aggregate(runs: Sequence[RunDir]) -> tuple[list[str], list[Row]]:
   """(swept keys, one Row per configuration with at least one finished run)."""
   keys = swept_keys(runs)
+  metric = headline(runs)[0]
   groups: dict[str, list[RunDir]] = {}
   for run in runs:
-    if run.summary is not None and (run.summary.get('final_eval') or {}).get('accuracy') is not None:
+    if run.summary is not None and (run.summary.get('final_eval') or {}).get(metric) is not None:
       groups.setdefault(_key([run.overrides.get(k) for k in keys]), []).append(run)
   rows, cache = [], {}
   for members in groups.values():
     values = {k: members[0].overrides.get(k) for k in keys}
     finals = [r.summary['final_eval'] for r in members]
-    acc, loss = [f['accuracy'] for f in finals], [f['loss'] for f in finals]
+    acc, loss = [f[metric] for f in finals], [f['loss'] for f in finals]
     speeds = [r.summary.get('images_per_sec') for r in members if r.summary.get('images_per_sec')]
     macs, rf, note = _figures(members[0], cache)
-    rows.append(Row(values, members, statistics.fmean(acc), _std(acc), statistics.fmean(loss),
+    rows.append(Row(values, members, metric, statistics.fmean(acc), _std(acc), statistics.fmean(loss),
                     _std(loss), members[0].summary.get('num_params'), macs, rf,
                     statistics.fmean(r.summary.get('wall_time_s') or 0.0 for r in members),
                     statistics.fmean(speeds) if speeds else None, [note] if note else []))
@@ -170,12 +186,12 @@ def _figures(run: RunDir, cache: dict) -> tuple[int | None, Any, str | None]:
 def _analysis(config: dict) -> tuple[int | None, Any, str | None]:
   """(MACs, receptive field, problem) of a config's model, computed abstractly."""
   try:
-    from cnnlab import analysis, config as config_lib, data, models
+    from cnnlab import analysis, config as config_lib, data, models, tasks
     c = config_lib.from_json(json.dumps(config))
     info = data.info(c.data.name, data_dir=c.data.data_dir, image_size=c.data.image_size,
                      **data.builder_kwargs(c.data))
-    summary = analysis.summarize(models.from_config(c, c.model.num_classes or info.num_classes),
-                                 info.image_shape)
+    num_classes = c.model.num_classes or tasks.get(tasks.task_name(c)).model_classes(info)
+    summary = analysis.summarize(models.from_config(c, num_classes), info.image_shape)
   except Exception as e:  # noqa: BLE001 - the table still has the runs' own numbers
     return None, None, f'{type(e).__name__}: {e}'
   return summary.total_macs, _rf_value(summary.receptive_field), None
@@ -200,7 +216,7 @@ def write(root: str, *, plots: bool = True) -> dict[str, Any]:
            'plots': []}
   _write_csv(paths['csv'], keys, rows)
   if plots:
-    paths['plots'] = plot_accuracy(root, keys, rows) + plot_curves(root, rows)
+    paths['plots'] = plot_metric(root, keys, rows) + plot_curves(root, rows)
   with open(paths['markdown'], 'w', encoding='utf-8') as f:
     f.write(markdown(root, keys, rows, runs, paths['plots']))
   paths['notes'] = [note for row in rows for note in row.notes]
@@ -210,9 +226,9 @@ def write(root: str, *, plots: bool = True) -> dict[str, Any]:
 def _write_csv(path: str, keys: Sequence[str], rows: Sequence[Row]) -> None:
   with open(path, 'w', newline='', encoding='utf-8') as f:
     out = csv.writer(f)
-    out.writerow([*keys, *CSV_FIELDS])
+    out.writerow([*keys, *(f.format(metric=rows[0].metric) for f in CSV_FIELDS)])
     for row in rows:
-      cells = [row.accuracy_mean, row.accuracy_std, row.loss_mean, row.loss_std, row.seeds,
+      cells = [row.metric_mean, row.metric_std, row.loss_mean, row.loss_std, row.seeds,
                row.params, row.macs, _rf(row.receptive_field), row.wall_time_s, row.images_per_sec,
                ' '.join(r.name for r in row.runs)]
       out.writerow([*(_cell(row.values[k]) for k in keys), *('' if c is None else c for c in cells)])
@@ -260,14 +276,16 @@ def column_names(keys: Sequence[str]) -> list[str]:
 
 
 def markdown_table(keys: Sequence[str], rows: Sequence[Row], split: str = 'test') -> str:
-  head = [*column_names(keys), 'seeds', f'{split} accuracy (%)',
+  label, scale, digits = task_names.display(rows[0].metric)
+  head = [*column_names(keys), 'seeds', f'{split} {label}',
           f'{split} loss', 'params', 'MACs', 'RF', 'wall (s)', 'images/s']
-  best = max(r.accuracy_mean for r in rows)
+  pick = min if rows[0].metric in task_names.LOWER_IS_BETTER else max
+  best = pick(r.metric_mean for r in rows)
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(keys) + '---:|' * (len(head) - len(keys))]
   for row in rows:
-    acc = _pm(row.accuracy_mean, row.accuracy_std, 100, 2)
+    acc = _pm(row.metric_mean, row.metric_std, scale, digits)
     cells = [*(_cell(row.values[k]) for k in keys), str(row.seeds),
-             f'**{acc}**' if row.accuracy_mean == best else acc, _pm(row.loss_mean, row.loss_std, 1, 4),
+             f'**{acc}**' if row.metric_mean == best else acc, _pm(row.loss_mean, row.loss_std, 1, 4),
              '—' if row.params is None else f'{row.params:,}', _short(row.macs),
              _rf(row.receptive_field) or '—',
              f'{row.wall_time_s:.1f}', '—' if row.images_per_sec is None else f'{row.images_per_sec:.0f}']
@@ -299,11 +317,11 @@ def markdown(root: str, keys, rows: Sequence[Row], runs: Sequence[RunDir], plots
   notes = [note for row in rows for note in row.notes]
   if notes:
     out += ['Figures missing:', '', *(f'- {note}' for note in notes), '']
-  accuracy_plots = [p for p in plots if os.path.basename(p).startswith('accuracy_vs_')]
-  for path in accuracy_plots:
+  metric_plots = [p for p in plots if os.path.basename(p).startswith(f'{rows[0].metric}_vs_')]
+  for path in metric_plots:
     rel = os.path.relpath(path, root)
     out += [f'![{os.path.basename(path)[:-4]}]({rel})', '']
-  curves = [p for p in plots if p not in accuracy_plots]
+  curves = [p for p in plots if p not in metric_plots]
   if curves:
     out += ['Training curves: ' + ', '.join(
         f'[{os.path.basename(p)[:-4]}]({os.path.relpath(p, root)})' for p in curves), '']
@@ -322,10 +340,12 @@ def _numeric(values) -> bool:
   return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def plot_accuracy(root: str, keys: Sequence[str], rows: Sequence[Row]) -> list[str]:
-  """plots/accuracy_vs_<key>.png for each swept key: one line per combination of the others."""
+def plot_metric(root: str, keys: Sequence[str], rows: Sequence[Row]) -> list[str]:
+  """plots/<metric>_vs_<key>.png for each swept key: one line per combination of the others."""
   os.makedirs(os.path.join(root, 'plots'), exist_ok=True)
   split = (rows[0].runs[0].config or {}).get('data', {}).get('eval_split', 'test')
+  metric = rows[0].metric
+  label, scale, _ = task_names.display(metric)
   paths, names = [], dict(zip(keys, column_names(keys)))
   for key in keys:
     others = [k for k in keys if k != key]
@@ -342,8 +362,8 @@ def plot_accuracy(root: str, keys: Sequence[str], rows: Sequence[Row]) -> list[s
       members = sorted(members, key=lambda r: position[_key(r.values[key])])
       label = ', '.join(f'{names[k]}={_cell(members[0].values[k])}' for k in others)
       ax.errorbar([position[_key(r.values[key])] for r in members],
-                  [100 * r.accuracy_mean for r in members],
-                  yerr=[100 * (r.accuracy_std or 0.0) for r in members],
+                  [scale * r.metric_mean for r in members],
+                  yerr=[scale * (r.metric_std or 0.0) for r in members],
                   marker='o', capsize=3, label=label or None)
     leaf = names[key]
     if numeric:
@@ -351,20 +371,21 @@ def plot_accuracy(root: str, keys: Sequence[str], rows: Sequence[Row]) -> list[s
     else:
       ax.set_xticks(range(len(values)), [_cell(v) for v in values])
     ax.set_xlabel(leaf)
-    ax.set_ylabel(f'{split} accuracy (%)')
-    ax.set_title(f'{split} accuracy against {leaf} (mean ± std over seeds)', fontsize=10)
+    ax.set_ylabel(f'{split} {label}')
+    ax.set_title(f'{split} {metric} against {leaf} (mean ± std over seeds)', fontsize=10)
     ax.grid(alpha=0.3)
     if others:
       ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
-    path = os.path.join(root, 'plots', f'accuracy_vs_{leaf}.png')
+    path = os.path.join(root, 'plots', f'{metric}_vs_{leaf}.png')
     fig.savefig(path)
     paths.append(path)
   return paths
 
 
 def plot_curves(root: str, rows: Sequence[Row]) -> list[str]:
-  """plots/curves/<configuration>.png: train loss and eval accuracy per step, a line per seed."""
+  """plots/curves/<configuration>.png: train loss and the eval headline metric per step, a line
+  per seed."""
   os.makedirs(os.path.join(root, 'plots', 'curves'), exist_ok=True)
   paths = []
   for row in rows:
@@ -373,13 +394,13 @@ def plot_curves(root: str, rows: Sequence[Row]) -> list[str]:
     for run in row.runs:
       records = runs_lib.read_metrics(run.path)
       label = f'seed {run.seed}'
-      for ax, kind, metric in ((loss_ax, 'train', 'loss'), (acc_ax, 'eval', 'accuracy')):
+      for ax, kind, metric in ((loss_ax, 'train', 'loss'), (acc_ax, 'eval', row.metric)):
         points = [(r['step'], r[metric]) for r in records
                   if r.get('kind') == kind and runs_lib.finite(r.get(metric))]
         if points:
           ax.plot(*zip(*points), marker='.' if kind == 'eval' else None, label=label)
     loss_ax.set(xlabel='step', ylabel='train loss')
-    acc_ax.set(xlabel='step', ylabel='eval accuracy')
+    acc_ax.set(xlabel='step', ylabel=f'eval {row.metric}')
     for ax in (loss_ax, acc_ax):
       ax.grid(alpha=0.3)
     acc_ax.legend(fontsize=7)

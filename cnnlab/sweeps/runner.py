@@ -204,8 +204,10 @@ def _finish(job: _Job, code: int, stopping: bool) -> Outcome:
   seconds = time.time() - job.started
   summary = workdir.read_json(os.path.join(job.point.directory, workdir.SUMMARY))
   if code == 0 and summary is not None:
-    final = summary.get('final_eval') or {}
-    return Outcome(job.point, 'done', f'accuracy {final.get("accuracy", float("nan")):.4f}', seconds)
+    metric, value = workdir.headline(summary.get('final_eval'),
+                                     (summary.get('headline') or {}).get('metric'))
+    return Outcome(job.point, 'done', f'{metric} {float("nan") if value is None else value:.4f}',
+                   seconds)
   if code == workdir.EXIT_PREEMPTED or (stopping and code != 0):
     return Outcome(job.point, 'interrupted', f'stopped (exit {code}); relaunch to resume', seconds)
   log_path = os.path.join(job.point.directory, workdir.LOG)

@@ -48,7 +48,7 @@ def launch(config_file: str, workdir: str, overrides: Sequence[str] = (), *,
 def done_line(summary: dict[str, Any], workdir: str) -> str:
   """The one line that ends a run: steps, the final and best evaluation, times."""
   final, best = summary.get('final_eval') or {}, summary.get('best_eval') or {}
-  metric, value = headline(final)
+  metric, value = headline(final, (summary.get('headline') or {}).get('metric'))
   metric, value = metric or 'loss', float('nan') if value is None else value
   best_part = (f' (best {best[metric]:.4f} at step {best["step"]})'
                if metric in best and best[metric] != final.get(metric) else '')

@@ -63,12 +63,18 @@ def _clock(seconds: float) -> str:
       else f'{seconds // 60}:{seconds % 60:02d}'
 
 
+# The train step's own records (the rest of a record is the task's metrics, e.g. accuracy).
+NOT_SHOWN = ('loss', 'learning_rate', 'grad_norm', 'nonfinite', 'skips', 'loss_scale',
+             'images_per_sec', 'step_time_s')
+# Train metrics as the progress line abbreviates them.
+SHORT = {'accuracy': 'acc', 'pixel_accuracy': 'pixel acc', 'box_iou': 'iou'}
+
+
 class Progress:
   """What the terminal shows while training: a bar (rich) on a terminal, lines otherwise.
 
-  Each log interval shows the step, loss, train accuracy and images/s with the elapsed time and
-  an estimate of the time left (from the steps of this launch); each evaluation shows its loss
-  and accuracy, and the bar keeps the latest one in view.
+  Each log interval shows the step, loss, the task's train metrics (e.g. accuracy) and images/s with the elapsed time and an estimate of the time left (from the steps
+  of this launch); each evaluation shows its metrics, and the bar keeps the latest one in view.
   """
 
   def __init__(self, total_steps: int, start_step: int = 0, mode: str = 'auto'):
@@ -91,11 +97,13 @@ class Progress:
       self.bar.update(self.task, completed=step)
 
   def train(self, step: int, record: dict) -> None:
-    """A log interval's averages (loss, accuracy, images_per_sec)."""
+    """A log interval's averages (loss, the task's metrics, images_per_sec)."""
     if not self.enabled:
       return
-    self.info = (f"loss {record['loss']:.4f}  acc {record.get('accuracy', float('nan')):.3f}  "
-                 f"{record['images_per_sec']:.0f} img/s")
+    figures = [f"loss {record['loss']:.4f}",
+               *(f'{SHORT.get(k, k)} {v:.3f}' for k, v in record.items() if k not in NOT_SHOWN),
+               f"{record['images_per_sec']:.0f} img/s"]
+    self.info = '  '.join(figures)
     self._show(step)
 
   def evaluated(self, step: int, result: dict) -> None:

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnnlab import analysis, data, models, parallel, workdir as workdir_lib
+from cnnlab import analysis, data, models, parallel, tasks, workdir as workdir_lib
 from cnnlab import config as config_lib
-from cnnlab.train import checkpoint, optim, resume, state as state_lib, step as step_lib
+from cnnlab.train import (checkpoint, optim, resume, state as state_lib, step as step_lib,
+                          transfer)
 from cnnlab.train.logging import MetricWriter, Progress
 
 
@@ -51,7 +52,7 @@ class Run:
   """Everything built from a config before the first step (also used by tests and benchmarks)."""
   config: ml_collections.ConfigDict
   info: Any
-  num_classes: int
+  num_classes: int | None  # the model's outputs (None: a model of pixels)
   model: Any
   par: parallel.Parallel
   train_data: Any
@@ -93,32 +94,37 @@ class Run:
       batch_fn, arrays = self.train_data.batch_fn(), self.train_data.arrays
     return self.par.compile_train(preprocess, update, batch_fn, state, arrays), arrays
 
-  def evaluate(self, eval_fn, state) -> tuple[dict[str, float], list[list[int]] | None]:
-    """(mean loss and accuracy over the whole evaluation split (padding excluded), its confusion
-    matrix (rows: true class, columns: predicted) or None beyond step.CONFUSION_MAX_CLASSES)."""
+  @property
+  def task(self) -> tasks.Task:
+    return self.settings.task
+
+  def evaluate(self, eval_fn, state) -> tuple[dict[str, float], dict[str, Any]]:
+    """The task's metrics over the whole evaluation split, padding excluded (the loss and e.g.
+    accuracy, or mIoU), and its details for summary.json (e.g. the confusion matrix)."""
     total = None
     for batch in self.eval_data.eval_batches():
       sums = eval_fn(state, batch)
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    total = parallel.fetch(total)
-    confusion = total.get('confusion')
-    return ({'loss': total['loss'] / total['count'], 'accuracy': total['correct'] / total['count']},
-            None if confusion is None else np.asarray(confusion).tolist())
+    return self.task.finalize(parallel.fetch(total))
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:
   """Validates the config and builds the model, data pipelines and step settings."""
   facts = config_lib.validate(config)
   info, num_classes = facts['info'], facts['num_classes']
+  task = tasks.create(config, num_classes, info.class_names)
   par = parallel.Parallel.create(config.parallel.strategy, config.parallel.num_devices,
                                  config.parallel.fsdp)
   model = models.from_config(config, num_classes, par.axis_name)
+  check_outputs(model, task, info.image_shape)
+  variables = check_parameter_keys(config, model, info.image_shape)
   batch_size = config.train.batch_size
   eval_batch = config.train.eval_batch_size or batch_size
   common = dict(seed=config.seed, sharding_replicated=par.replicated,
                 sharding_batch=par.batch_sharding)
   train_data = data.make_pipeline(config.data, split=config.data.train_split,
-                                  batch_size=batch_size, **common)
+                                  batch_size=batch_size,
+                                  examples_per_class=config.data.examples_per_class, **common)
   eval_data = data.make_pipeline(config.data, split=config.data.eval_split,
                                  batch_size=min(eval_batch, info.splits[config.data.eval_split]
                                                 // par.num_devices * par.num_devices or eval_batch),
@@ -126,24 +132,60 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   steps_per_epoch = train_data.steps_per_epoch
   total = config.train.num_steps or math.ceil(config.train.num_epochs * steps_per_epoch)
   lr = optim.schedule(config.optim, total, steps_per_epoch)
+  frozen_bn = frozenset()
+  if config.optim.freeze:
+    frozen_bn = optim.frozen_batch_norm(config.optim.freeze, variables)
   mean, std = data.augment.normalization(config.data, info)
   settings = step_lib.StepSettings(
-      model=model, tx=optim.optimizer(config.optim, lr), learning_rate=lr,
-      num_classes=num_classes, mean=mean, std=std, augment=config.data.augment.to_dict(),
-      compute_dtype=models.DTYPES[config.dtype], label_smoothing=config.train.label_smoothing,
-      aux_loss_weight=config.train.aux_loss_weight, ema_decay=config.optim.ema_decay,
-      dynamic_loss_scale=config.dtype == 'float16', axis_name=par.axis_name)
+      model=model, tx=optim.optimizer(config.optim, lr), learning_rate=lr, task=task,
+      mean=mean, std=std, augment=config.data.augment.to_dict(),
+      compute_dtype=models.DTYPES[config.dtype], aux_loss_weight=config.train.aux_loss_weight,
+      ema_decay=config.optim.ema_decay,
+      dynamic_loss_scale=config.dtype == 'float16', axis_name=par.axis_name,
+      frozen_batch_norm=frozen_bn)
   return Run(config, info, num_classes, model, par, train_data, eval_data, settings, total,
              steps_per_epoch, config.train.eval_every_steps or steps_per_epoch)
 
 
+def check_parameter_keys(config, model, image_shape) -> dict | None:
+  """Checks the keys that name the model's variables by path pattern (optim.freeze,
+  optim.lr_multipliers, transfer.init_exclude) and the transfer section: ConfigError listing
+  every problem. Returns the variables' {'params': {path: shape}, 'batch_stats': ...} (abstract)
+  when a pattern needed them, else None."""
+  problems = [*optim.check_config(config.optim), *transfer.check_config(config.transfer)]
+  variables = None
+  if config.optim.freeze or config.optim.lr_multipliers or config.transfer.init_exclude:
+    variables = transfer.variable_shapes(model, image_shape)
+    problems += [*optim.check_patterns(config.optim, variables),
+                 *transfer.check_patterns(config.transfer, variables)]
+  if problems:
+    raise config_lib.ConfigError('invalid config:\n  ' + '\n  '.join(problems))
+  return variables
+
+
+def check_outputs(model, task: tasks.Task, image_shape) -> None:
+  """Raises TaskError (naming the expected and the actual shape) unless the model's output fits
+  the task: abstractly, before anything compiles or is written."""
+  images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+
+  def outputs(x):
+    key = jax.random.key(0)
+    return model.init_with_output({'params': key, 'dropout': key}, x, train=False)[0]
+  task.check_outputs(jax.eval_shape(outputs, images), images)
+
+
 def model_facts(run: Run) -> dict[str, Any]:
   """model.json: what the run's model takes and gives, so a run directory loads and reports on
-  its own (no dataset, no model code needed to read it): input shape, classes, the input
-  normalisation, parameters, MACs per example and receptive field (None where the analysis
-  cannot follow the model)."""
+  its own (no dataset, no model code needed to read it): input shape, the task and its headline
+  metric, the model's classes and the dataset's class names, the input normalisation,
+  parameters, MACs per example and receptive field (None where the analysis cannot follow the
+  model)."""
+  metric, mode = tasks.headline(run.config)
   facts = {'model': run.config.model.name, 'image_shape': list(run.info.image_shape),
-           'num_classes': run.num_classes, 'mean': list(run.settings.mean),
+           'task': run.task.name, 'headline': {'metric': metric, 'mode': mode},
+           'num_classes': run.num_classes,
+           'class_names': None if run.info.class_names is None else list(run.info.class_names),
+           'mean': list(run.settings.mean),
            'std': list(run.settings.std)}
   try:
     summary = analysis.summarize(run.model, run.info.image_shape)
@@ -185,9 +227,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt = preemption = None
   recorded = False  # whether provenance.json lists this launch (then it says how it ended)
   try:
+    best_metric, best_mode = tasks.headline(config)
     ckpt = checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                   best_metric=config.checkpoint.best_metric,
-                                   best_mode=config.checkpoint.best_mode)
+                                   best_metric=best_metric, best_mode=best_mode)
     resume_step = ckpt.latest_step()
     if resume_step is not None:
       resume.check_resume_config(workdir, config, resume_step)
@@ -204,15 +246,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       resume.warn_schedule_change(workdir, config, resume_step)
 
     state = run.initial_state()
+    transferred = None  # what transfer.init_from copied (transfer.json)
+    if resume_step is None and config.transfer.init_from:
+      # Only when the run starts: a resumed run continues from its own checkpoint.
+      state, transferred = transfer.initialize(state, config.transfer, config.model.name)
+      if primary:
+        print(transfer.summary_line(transferred), file=sys.stderr, flush=True)
     # What logging and best tracking carry over a restart, so a resumed run writes exactly the
     # records of an uninterrupted one: the train metrics of the steps since the last record.
-    pending, interval_step, best, final, confusion, launches = [], 0, None, None, None, []
+    pending, interval_step, best, final, details, launches = [], 0, None, None, None, []
     if resume_step is not None:
       ckpt.check_shapes(state, resume_step)  # a mismatch fails here, naming the tensors
       state, record = ckpt.restore(state, resume_step)
       pending = resume.decode_metrics(record.get('pending', {}))
       interval_step = record.get('interval_step', resume_step)
-      best, final, confusion = record.get('best'), record.get('final'), record.get('confusion')
+      best, final = record.get('best'), record.get('final')
+      # (a checkpoint written before tasks existed kept only a classifier's confusion matrix)
+      details = record.get('details', {'confusion': record.get('confusion')})
       launches = record.get('launches', [])
     start_step = int(state.step)
     # The state exists: from here on the launch may write into the run directory.
@@ -221,6 +271,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       workdir_lib.atomic_write(workdir_lib.safe_join(workdir, workdir_lib.CONFIG),
                                config_lib.to_json(config))
       workdir_lib.write_json(workdir_lib.safe_join(workdir, workdir_lib.MODEL), facts)
+      if transferred is not None:
+        workdir_lib.write_json(workdir_lib.safe_join(workdir, transfer.TRANSFER_FILE), transferred)
       resume.record_launch(workdir, start_step, run.total_steps, config_file)
       recorded = True
       if resume_step is not None:
@@ -233,11 +285,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     batch_iter = first = None
     if run.train_data.kind == 'device':
       data.check_batch(run.train_data.batch(start_step), image_shape=run.info.image_shape,
-                       num_classes=run.num_classes)
+                       num_classes=run.info.num_classes)
     else:
       batches = run.train_data.iterate(start_step)
       first = next(batches)
-      data.check_batch(first, image_shape=run.info.image_shape, num_classes=run.num_classes)
+      data.check_batch(first, image_shape=run.info.image_shape, num_classes=run.info.num_classes)
       batch_iter = itertools.chain([first], batches)
     state = run.par.place_state(state)
     setup_time = time.time() - started
@@ -268,7 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   def save(done: int, evaluated: dict | None) -> None:
     loop_record = {'pending': resume.encode_metrics(pending), 'interval_step': interval_step,
-                   'best': best, 'final': final, 'confusion': confusion,
+                   'best': best, 'final': final, 'details': details,
                    'launches': [*launches, this_launch(done)]}
     ckpt.save(done, run.par.unreplicate(state), loop=loop_record, metrics=evaluated)
 
@@ -298,18 +350,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       evaluated, improved = None, False
       if done % run.eval_every == 0 or done == run.total_steps:
         t = time.time()
-        result, confusion = run.evaluate(eval_fn, state)
+        result, details = run.evaluate(eval_fn, state)
         eval_time += time.time() - t
         writer.write('eval', done, result)
         progress.evaluated(done, result)
         final = evaluated = {**result, 'step': done}
-        if best is None or _better(config, result, best):
+        if best is None or _better(best_metric, best_mode, result, best):
           best, improved = final, True
         interval_start = time.time()  # evaluation is not training time
       # Checkpoints: periodic, at each new best evaluation (so the best is on disk), on SIGTERM.
       stop = preemption.requested(done)
       periodic = config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0
-      if periodic or stop or (improved and config.checkpoint.best_metric):
+      if periodic or stop or (improved and best_metric):
         save(done, evaluated)
       if stop:
         ckpt.wait()
@@ -335,23 +387,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if lock:
         lock.release()
 
-  summary = _summary(run, facts, final, best, confusion, num_params,
+  summary = _summary(run, facts, final, best, details, num_params,
                      [*launches, this_launch(run.total_steps)])
   if primary:
     workdir_lib.write_json(os.path.join(workdir, workdir_lib.SUMMARY), summary)
   return summary
 
 
-def _summary(run: Run, facts: dict, final, best, confusion, num_params: int,
+def _summary(run: Run, facts: dict, final, best, details, num_params: int,
              launches: list[dict]) -> dict[str, Any]:
   """summary.json: what the run achieved and what it cost, summed over its launches (each one
-  listed), with the model's figures from model.json and the final evaluation's per-class
-  accuracy and confusion matrix (rows: true class, columns: predicted; up to
-  step.CONFUSION_MAX_CLASSES classes)."""
+  listed), with the model's figures from model.json and the final evaluation's details as the
+  task shows them (per-class accuracy and the confusion matrix; IoU per class; ...)."""
   total = lambda key: sum(launch[key] for launch in launches)  # noqa: E731
   trained = sum(launch['end_step'] - launch['start_step'] for launch in launches)
   train_time = total('train_time_s')
   return {
+      'task': run.task.name, 'headline': facts['headline'],
       'final_eval': final, 'best_eval': best, 'num_params': num_params,
       'macs': facts['macs'], 'receptive_field': facts['receptive_field'],
       'steps': run.total_steps,
@@ -361,18 +413,8 @@ def _summary(run: Run, facts: dict, final, best, confusion, num_params: int,
       'images_per_sec': trained * run.config.train.batch_size / train_time if train_time else None,
       'num_devices': launches[-1]['num_devices'], 'num_processes': launches[-1]['num_processes'],
       'launches': launches,
-      **_per_class(confusion),
+      **run.task.summary(details),
   }
-
-
-def _per_class(confusion: list[list[int]] | None) -> dict[str, Any]:
-  if confusion is None:
-    return {}
-  matrix = np.asarray(confusion)
-  support = matrix.sum(axis=1)
-  accuracy = np.where(support > 0, np.diag(matrix) / np.maximum(support, 1), np.nan)
-  return {'per_class_accuracy': [None if np.isnan(a) else float(a) for a in accuracy],
-          'confusion_matrix': confusion}
 
 
 def _outcome(error: BaseException | None) -> tuple[str, str | None]:
@@ -386,9 +428,10 @@ def _outcome(error: BaseException | None) -> tuple[str, str | None]:
   return 'failed', f'{type(error).__name__}: {error}'
 
 
-def _better(config, result: dict, best: dict) -> bool:
-  key = config.checkpoint.best_metric
-  return result[key] > best[key] if config.checkpoint.best_mode == 'max' else result[key] < best[key]
+def _better(metric: str | None, mode: str, result: dict, best: dict) -> bool:
+  if not metric:
+    return False
+  return result[metric] > best[metric] if mode == 'max' else result[metric] < best[metric]
 
 
 def _check_finite(config, values: dict, first: int, last: int) -> None:

@@ -6,8 +6,10 @@ under `jax.jit` over a mesh and under `jax.pmap` (then `settings.axis_name` name
 gradients are averaged with `lax.pmean`; batch-norm statistics are averaged by the model's own
 `bn_axis_name`).
 
-A batch is the data layer's dict: 'image' (B, H, W, C) uint8, 'label' (B,) int32, and optionally
-'label_mix'/'mix_weight' (mixup, cutmix), 'valid' (evaluation padding), 'index', 'epoch'.
+A batch is the data layer's dict: 'image' (B, H, W, C) uint8, the keys its task reads ('label',
+'mask', 'bbox'), and optionally 'label_mix'/'mix_weight' (mixup, cutmix), 'valid' (evaluation
+padding), 'index', 'epoch'. What the model's output means is the task's business
+(`settings.task`, a cnnlab.tasks.Task): the steps only ask it for the loss and the sums.
 """
 
 from __future__ import annotations
@@ -21,12 +23,8 @@ import optax
 from jax import lax
 
 from cnnlab.data import augment
-from cnnlab.layers import as_logits
+from cnnlab.layers import norm
 from cnnlab.train.state import TrainState
-
-# The evaluation counts a confusion matrix (true class x predicted class) for up to this many
-# classes; beyond, the matrix is too large to be read or kept in summary.json.
-CONFUSION_MAX_CLASSES = 100
 
 # fp16 dynamic loss scaling (what optax lacks): double after this many finite steps, halve on
 # overflow, never below 1.
@@ -38,40 +36,23 @@ class StepSettings:
   model: Any  # flax module
   tx: optax.GradientTransformation
   learning_rate: optax.Schedule
-  num_classes: int
+  task: Any  # cnnlab.tasks.Task
   mean: tuple[float, ...]  # per-channel input normalisation, 0..1 scale
   std: tuple[float, ...]
   augment: dict  # config.data.augment as a plain dict
   compute_dtype: Any = jnp.float32
-  label_smoothing: float = 0.0
   aux_loss_weight: float = 0.3
   ema_decay: float = 0.0
   dynamic_loss_scale: bool = False
   axis_name: str | None = None  # pmap axis; None under jit
+  # Module paths of the batch norms optim.freeze froze: they train with their running statistics
+  # and keep them (cnnlab.layers.norm.frozen_batch_norm, entered around model.apply when traced).
+  frozen_batch_norm: frozenset[str] = frozenset()
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
-                  smoothing: float = 0.0) -> jax.Array:
-  """(B,) softmax cross-entropy of (B, K) logits against integer labels, with label smoothing;
-  in float32 at least (float64 stays float64)."""
-  logits = as_logits(logits)
-  targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
-  if smoothing:
-    targets = optax.smooth_labels(targets, smoothing)
-  return optax.softmax_cross_entropy(logits, targets)
-
-
-def classification_loss(logits, batch, settings: StepSettings) -> jax.Array:
-  """(B,) loss; mixed batches (mixup/cutmix) weigh the example's and its partner's labels."""
-  ce = lambda labels: cross_entropy(logits, labels, settings.num_classes, settings.label_smoothing)
-  if 'label_mix' in batch:
-    w = batch['mix_weight']
-    return w * ce(batch['label']) + (1.0 - w) * ce(batch['label_mix'])
-  return ce(batch['label'])
-
-
-def aux_logits(intermediates) -> list[jax.Array]:
-  """Auxiliary heads' logits: the top-level intermediates named 'aux*_logits' (GoogLeNet's)."""
+def aux_outputs(intermediates) -> list[jax.Array]:
+  """Auxiliary heads' outputs, trained by the task's loss like the main output: the top-level
+  intermediates named 'aux*_logits' (GoogLeNet's)."""
   return [v[0] for k, v in sorted(intermediates.items())
           if k.startswith('aux') and k.endswith('_logits')]
 
@@ -115,7 +96,7 @@ def make_train_step(settings: StepSettings) -> Callable[[TrainState, dict], tupl
 def make_update(settings: StepSettings) -> Callable[[TrainState, jax.Array, dict],
                                                     tuple[TrainState, dict]]:
   """update(state, images, batch) -> (state, metrics): the gradient step on preprocessed images."""
-  model, tx = settings.model, settings.tx
+  model, tx, task = settings.model, settings.tx, settings.task
 
   def update(state: TrainState, images: jax.Array, batch: dict):
     dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
@@ -127,17 +108,18 @@ def make_update(settings: StepSettings) -> Callable[[TrainState, jax.Array, dict
 
     def loss_fn(params):
       variables = {'params': params, **({'batch_stats': state.batch_stats} if state.batch_stats else {})}
-      logits, updates = model.apply(variables, images, train=True, rngs={'dropout': dropout_key},
-                                    mutable=['batch_stats', 'intermediates'])
-      loss = jnp.mean(classification_loss(logits, batch, settings))
-      for aux in aux_logits(updates.get('intermediates', {})):
-        loss = loss + settings.aux_loss_weight * jnp.mean(classification_loss(aux, batch, settings))
-      return loss * state.loss_scale, (loss, logits, updates.get('batch_stats', {}))
+      with norm.frozen_batch_norm(settings.frozen_batch_norm):
+        outputs, updates = model.apply(variables, images, train=True, rngs={'dropout': dropout_key},
+                                       mutable=['batch_stats', 'intermediates'])
+      task.check_outputs(outputs, images)  # at trace time: a misfit fails before compiling
+      loss, task_metrics = task.loss(outputs, batch)
+      for aux in aux_outputs(updates.get('intermediates', {})):
+        loss = loss + settings.aux_loss_weight * task.loss(aux, batch)[0]
+      return loss * state.loss_scale, (loss, task_metrics, updates.get('batch_stats', {}))
 
-    grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-    correct = jnp.mean((jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32))
+    grads, (loss, task_metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     if settings.axis_name:
-      grads, loss, correct = lax.pmean((grads, loss, correct), settings.axis_name)
+      grads, loss, task_metrics = lax.pmean((grads, loss, task_metrics), settings.axis_name)
     grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
     finite_grads = all_finite(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -164,7 +146,7 @@ def make_update(settings: StepSettings) -> Callable[[TrainState, jax.Array, dict
     new_state = state.replace(
         step=state.step + 1, params=kept[0], batch_stats=kept[1], opt_state=kept[2],
         ema_params=kept[3], loss_scale=scale, good_steps=good, skips=jnp.where(fault, state.skips + 1, 0))
-    metrics = {'loss': loss, 'accuracy': correct, 'learning_rate': settings.learning_rate(state.step),
+    metrics = {'loss': loss, **task_metrics, 'learning_rate': settings.learning_rate(state.step),
                'grad_norm': global_norm(grads), 'nonfinite': fault.astype(jnp.int32),
                'skips': new_state.skips}
     if settings.dynamic_loss_scale:
@@ -175,28 +157,17 @@ def make_update(settings: StepSettings) -> Callable[[TrainState, jax.Array, dict
 
 
 def make_eval_step(settings: StepSettings) -> Callable[[TrainState, dict], dict]:
-  """eval_step(state, batch) -> sums {'loss', 'correct', 'count'} over the batch's valid rows,
-  and 'confusion' (K, K) counts, rows the true class and columns the predicted one, for up to
-  CONFUSION_MAX_CLASSES classes.
-
-  Sums (not means) so that batches of any padding combine exactly; `loss` is the plain
-  cross-entropy (no smoothing). Uses the EMA parameters when the state has them.
-  """
-  model = settings.model
+  """eval_step(state, batch) -> the task's sums over the batch's valid rows (`Task.eval_sums`):
+  sums, not means, so that batches of any padding and devices combine exactly. Uses the EMA
+  parameters when the state has them."""
+  model, task = settings.model, settings.task
 
   def eval_step(state: TrainState, batch: dict) -> dict:
     images = augment.normalize(batch['image'], settings.mean, settings.std, settings.compute_dtype)
-    logits = model.apply(state.variables, images, train=False)
-    valid = batch['valid'].astype(jnp.float32) if 'valid' in batch else jnp.ones(logits.shape[:1])
-    loss = cross_entropy(logits, batch['label'], settings.num_classes)
-    predicted = jnp.argmax(logits, -1)
-    sums = {'loss': jnp.sum(loss * valid),
-            'correct': jnp.sum((predicted == batch['label']).astype(jnp.float32) * valid),
-            'count': jnp.sum(valid)}
-    if settings.num_classes <= CONFUSION_MAX_CLASSES:
-      k = settings.num_classes
-      sums['confusion'] = jnp.zeros((k, k), jnp.int32).at[batch['label'], predicted].add(
-          valid.astype(jnp.int32))
+    outputs = model.apply(state.variables, images, train=False)
+    task.check_outputs(outputs, images)
+    valid = (batch['valid'] if 'valid' in batch else jnp.ones(images.shape[:1], bool))
+    sums = task.eval_sums(outputs, batch, valid.astype(jnp.float32))
     if settings.axis_name:
       sums = lax.psum(sums, settings.axis_name)
     return sums

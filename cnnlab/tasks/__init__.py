@@ -1,0 +1,68 @@
+"""Tasks: how a model's output is trained, scored and returned, chosen by `config.task.name`.
+
+  classification  (B, K) logits against 'label'                       headline 'accuracy'
+  segmentation    (B, H, W, K) logits against 'mask' (0 = background)  headline 'miou'
+  localization    {'logits', 'box'} against 'label' and 'bbox'         headline 'localized'
+  reconstruction  (B, H, W, C) pixel logits against the image          headline 'psnr'
+
+`cnnlab.tasks.base.Task` says what a task gives the trainer; one module per task.
+"""
+
+from __future__ import annotations
+
+from cnnlab.tasks.base import Task, TaskError
+from cnnlab.tasks.classification import Classification
+from cnnlab.tasks.config import default_config
+from cnnlab.tasks.localization import Localization
+from cnnlab.tasks.names import HEADLINES, TASK_NAMES, headline, task_name
+from cnnlab.tasks.reconstruction import Reconstruction
+from cnnlab.tasks.segmentation import Segmentation
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Classification, Segmentation, Localization,
+                                                     Reconstruction)}
+
+
+def get(name: str) -> type[Task]:
+  """The task class called `name`; ValueError listing the tasks otherwise."""
+  if name not in TASKS:
+    raise ValueError(f'task.name={name!r}: unknown task; expected one of {TASK_NAMES}')
+  return TASKS[name]
+
+
+def dataset_keys(info) -> tuple[str, ...]:
+  """The keys every example of a dataset has (cnnlab.data.DatasetInfo)."""
+  return ('image', 'label', *(('mask',) if info.has_mask else ()),
+          *(('bbox',) if info.has_bbox else ()))
+
+
+def check_config(config, info) -> list[str]:
+  """Problems with `config.task` for the dataset described by `info`, each naming its key."""
+  name = config.task.name
+  if name not in TASKS:
+    return [f'task.name={name!r}: expected one of {TASK_NAMES}']
+  task = TASKS[name]
+  problems = []
+  missing = [k for k in task.keys if k not in dataset_keys(info)]
+  if missing:
+    problems.append(f'task.name={name!r} needs {", ".join(map(repr, missing))} in every example; '
+                    f'data.name={info.name!r} has {", ".join(map(repr, dataset_keys(info)))}')
+  augment = config.data.augment
+  if not task.mixing:
+    for key in ('mixup_alpha', 'cutmix_alpha'):
+      if augment[key]:
+        problems.append(f'data.augment.{key}={augment[key]!r}: mixing blends labels, which '
+                        f'task.name={name!r} does not train on; set it to 0')
+  if not missing:
+    problems += task.check_config(config.task, info)
+  return problems
+
+
+def create(config, num_classes: int | None, class_names=None) -> Task:
+  """The task of `config` (classification for a run directory written before tasks existed),
+  for a model of `num_classes` outputs (`Task.model_classes`)."""
+  return get(task_name(config)).from_config(config, num_classes, class_names)
+
+
+__all__ = ['Task', 'TaskError', 'TASKS', 'TASK_NAMES', 'HEADLINES', 'get', 'create',
+           'check_config', 'dataset_keys', 'default_config', 'headline', 'task_name',
+           'Classification', 'Segmentation', 'Localization', 'Reconstruction']
