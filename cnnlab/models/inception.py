@@ -6,6 +6,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from cnnlab.layers import AuxHead, GlobalPool, InceptionBlock, Pool, as_logits, conv_block
 from cnnlab.models.registry import register
@@ -23,6 +24,9 @@ _LAYOUT = (
     ('inception5a', (256, 160, 320, 32, 128, 128)), ('inception5b', (384, 192, 384, 48, 128, 128)),
 )
 
+# ImageNet's per-channel mean and std (0..1 scale), the normalisation torchvision's models take.
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 
 @register('googlenet', input_shape=(224, 224, 3), num_classes=1000)
 class GoogLeNet(nn.Module):
@@ -33,6 +37,9 @@ class GoogLeNet(nn.Module):
     init, so their parameters exist), and their logits are sown as 'intermediates/aux1_logits'
     and 'aux2_logits' for the training loss (GoogLeNet weights them 0.3).
   branch3_kernel: 3 as torchvision (whose weights and counts we match), 5 as in the paper.
+  transform_input: torchvision's `transform_input`: the input, normalised with ImageNet's mean and
+    std, is first re-normalised to (x - 0.5) / 0.5 per channel, which torchvision's ImageNet
+    GoogLeNet weights were trained on (torchvision turns it on when it loads them).
   """
   num_classes: int = 1000
   aux_logits: bool = True
@@ -41,6 +48,7 @@ class GoogLeNet(nn.Module):
   branch3_kernel: int = 3
   norm: str = 'batch'
   bn_epsilon: float = 1e-3
+  transform_input: bool = False
   dtype: Any = None
   bn_axis_name: str | None = None
 
@@ -48,6 +56,16 @@ class GoogLeNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     conv = conv_block(norm=self.norm, bn_epsilon=self.bn_epsilon, dtype=self.dtype,
                       bn_axis_name=self.bn_axis_name)
+    if self.transform_input:
+      if x.shape[-1] != 3:
+        raise ValueError(f'{type(self).__name__}: transform_input re-normalises RGB images, got '
+                         f'input of shape {x.shape} ({x.shape[-1]} channels)')
+      # x = (p - mean) / std  ->  (p - 0.5) / 0.5 = x * std / 0.5 + (mean - 0.5) / 0.5, as
+      # torchvision computes it. An affine map of the input cannot be folded into conv1: its zero
+      # padding would then stand for another value than the border's.
+      scale = jnp.asarray([s / 0.5 for s in _IMAGENET_STD], x.dtype)
+      shift = jnp.asarray([(m - 0.5) / 0.5 for m in _IMAGENET_MEAN], x.dtype)
+      x = x * scale + shift  # (B, H, W, 3)
     x = conv(64, 7, 2, padding=3, name='conv1')(x, train)
     x = Pool('max', 3, 2, ceil_mode=True, name='pool1')(x)
     x = conv(64, 1, padding=0, name='conv2')(x, train)
