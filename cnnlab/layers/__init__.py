@@ -1,6 +1,7 @@
 """Building blocks of convolutional networks, as Flax Linen modules (NHWC, pure init/apply).
 
-  common    argument and shape checks, activations, the choices of norm and pool, the initialiser
+  common    argument and shape checks, activations (every ReLU is `relu`, whose backward pass
+            `relu_backward` switches for attributions), the choices of norm and pool, the initialiser
   conv      ConvBlock (convolution + norm + activation), conv_block (a partial of it)
   norm      BatchNorm (Flax's, faster on CPU), normalization (batch/group/layer/none), channel_sum
   pool      Pool (max/avg, PyTorch's padding and ceil mode), GlobalPool, AdaptiveAvgPool
@@ -14,8 +15,9 @@ chosen for the platform the computation is compiled for; other platforms run XLA
 """
 
 from cnnlab.layers.blocks import BasicBlock, Bottleneck, InceptionBlock, residual_activation
-from cnnlab.layers.common import (ACTIVATIONS, NORMS, POOLS, IntOrPair, ModuleDef, activation,
-                                  check_choice, he_normal_fan_out, layer_name, pair)
+from cnnlab.layers.common import (ACTIVATIONS, NORMS, POOLS, RELU_BACKWARD, IntOrPair, ModuleDef,
+                                  activation, check_choice, he_normal_fan_out, layer_name, pair,
+                                  relu, relu_backward)
 from cnnlab.layers.conv import ConvBlock, conv_block
 from cnnlab.layers.heads import AuxHead, MLPHead, as_logits
 from cnnlab.layers.norm import BatchNorm, batch_norm_train, channel_sum, normalization
@@ -26,4 +28,5 @@ __all__ = ['ACTIVATIONS', 'NORMS', 'POOLS', 'IntOrPair', 'ModuleDef', 'AdaptiveA
            'BasicBlock', 'BatchNorm', 'Bottleneck', 'ConvBlock', 'GlobalPool', 'InceptionBlock',
            'MLPHead', 'Pool', 'UpBlock', 'activation', 'as_logits', 'batch_norm_train', 'channel_sum',
            'check_choice', 'conv_block', 'he_normal_fan_out', 'layer_name', 'make_pool',
-           'max_pool', 'normalization', 'pair', 'residual_activation']
+           'max_pool', 'normalization', 'pair', 'relu', 'relu_backward', 'RELU_BACKWARD',
+           'residual_activation']

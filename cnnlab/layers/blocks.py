@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from cnnlab import geometry
-from cnnlab.layers.common import ModuleDef, activation, check_choice, layer_name
+from cnnlab.layers.common import (ModuleDef, activation, check_choice, layer_name, relu,
+                                  relu_backward_mode)
 from cnnlab.layers.conv import ConvBlock
 from cnnlab.layers.pool import Pool
 
@@ -88,9 +89,12 @@ def residual_activation(y: jax.Array, shortcut: jax.Array, act: str | Callable) 
   gradient (0 where the sum is 0, as ReLU's). Written so, the last operation reads two arrays, and
   XLA:CPU stores the block's output once instead of recomputing every earlier block's
   normalisation and sum inside each consumer, the kernel gradients' transposes included
-  (bench/README.md, "Batch norm and residual outputs").
+  (bench/README.md, "Batch norm and residual outputs"). Under `relu_backward('guided' |
+  'deconvnet')` it is `relu(y + shortcut)`, whose backward pass that mode replaces.
   """
-  if act == 'relu' or act is nn.relu:
+  if act == 'relu' or act is nn.relu or act is relu:
+    if relu_backward_mode() != 'default':
+      return relu(y + shortcut)
     return jnp.where(y > -shortcut, y + shortcut, 0.0)
   fn = activation(act)
   return y + shortcut if fn is None else fn(y + shortcut)

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cnnlab.layers.common import ModuleDef, activation
+from cnnlab.layers.common import ModuleDef, activation, relu
 from cnnlab.layers.conv import ConvBlock
 from cnnlab.layers.pool import AdaptiveAvgPool
 
@@ -39,7 +39,7 @@ class AuxHead(nn.Module):
     x = AdaptiveAvgPool(self.pool_size, name='pool')(x)
     x = self.conv(self.proj_features, 1, padding=0, name='conv')(x, train)
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name='fc1')(x))
+    x = relu(nn.Dense(self.hidden, dtype=self.dtype, name='fc1')(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=self.dtype, name='fc2')(x)
 

@@ -185,7 +185,9 @@ class GlobalPool(nn.Module):
 
 def _adaptive_matrix(size_in: int, size_out: int) -> np.ndarray:
   """(out, in) averaging matrix of PyTorch's adaptive pooling windows along one dim."""
-  m = np.zeros((size_out, size_in), np.float32)
+  # float64 (the caller casts it to the input dtype): exact fractions for a float64 input, and
+  # the same float32 values as before for a float32 one.
+  m = np.zeros((size_out, size_in), np.float64)
   for i in range(size_out):
     start, end = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
     m[i, start:end] = 1.0 / (end - start)
