@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
-PANEL_ROWS = 8  # examples per panel PNG
+PANEL_SIZE = 8  # examples per panel PNG
 
 
 def read_images(path: str, image_shape) -> np.ndarray:
@@ -91,7 +91,7 @@ def predict_in_batches(run, images: np.ndarray, batch_size: int = 64) -> Any:
 def write(run, images: np.ndarray, out: str, truth: dict[str, np.ndarray] | None = None,
           *, title: str = '') -> dict[str, Any]:
   """Writes OUT/predictions.npz (the images, the prediction's arrays, the truth as true_*) and
-  OUT/panel_NNN.png (PANEL_ROWS examples each); returns the paths."""
+  OUT/panel_NNN.png (PANEL_SIZE examples each); returns the paths."""
   os.makedirs(out, exist_ok=True)
   prediction = predict_in_batches(run, images)
   arrays = {'image': images}
@@ -100,12 +100,12 @@ def write(run, images: np.ndarray, out: str, truth: dict[str, np.ndarray] | None
   npz = os.path.join(out, 'predictions.npz')
   np.savez_compressed(npz, **arrays)
   panels = []
-  for start in range(0, len(images), PANEL_ROWS):
-    part = slice(start, start + PANEL_ROWS)
+  for start in range(0, len(images), PANEL_SIZE):
+    part = slice(start, start + PANEL_SIZE)
     panels.append(run.task.figure(
         images[part], _rows(prediction, part), None if truth is None else _rows(truth, part),
-        os.path.join(out, f'panel_{start // PANEL_ROWS:03d}.png'),
-        title=f'{title}examples {start}..{min(start + PANEL_ROWS, len(images)) - 1}'))
+        os.path.join(out, f'panel_{start // PANEL_SIZE:03d}.png'),
+        title=f'{title}examples {start}..{min(start + PANEL_SIZE, len(images)) - 1}'))
   return {'npz': npz, 'panels': panels}
 
 

@@ -223,10 +223,11 @@ def runs(tmp_path_factory, shared_data_dir):
   """A 2-step run of each task on 16x16 shapes."""
   root = tmp_path_factory.mktemp('task_runs')
   out = {}
-  for task, model in (('segmentation', 'tiny_seg'), ('localization', 'tiny_loc'),
-                      ('reconstruction', 'tiny_ae')):
+  for task, model, extra in (('segmentation', 'tiny_seg', ()), ('localization', 'tiny_loc', ()),
+                             ('reconstruction', 'tiny_ae', ()),
+                             ('classification', 'conv_stack', ('model.filters=(8,)',))):
     out[task] = str(root / task)
-    loop.train_and_evaluate(shapes_config(shared_data_dir, task, model), out[task])
+    loop.train_and_evaluate(shapes_config(shared_data_dir, task, model, *extra), out[task])
   return out
 
 
@@ -255,7 +256,7 @@ def test_predict_writes_panels_and_agrees_with_the_evaluation(runs, tmp_path, ca
   assert sorted(os.listdir(out)) == ['panel_000.png', 'panel_001.png', 'panel_002.png',
                                      'panel_003.png', 'predictions.npz']
   for task, keys in (('localization', {'label', 'probabilities', 'box', 'true_label', 'true_bbox'}),
-                     ('reconstruction', {'reconstruction'})):
+                     ('reconstruction', {'reconstruction'}), ('classification', {'logits', 'true_label'})):
     assert cli.main(['predict', '--run', runs[task], '--dataset', 'shapes', '--num', '5',
                      '--out', str(tmp_path / task)]) == 0
     assert keys | {'image'} == set(np.load(tmp_path / task / 'predictions.npz'))

@@ -108,17 +108,17 @@ class Classification(Task):
     probabilities /= probabilities.sum(-1, keepdims=True)
     names = self.class_names
 
-    def draw(ax, r, c):
-      ax.imshow(figures.as_rgb(images[r]), cmap='gray')
-      k = int(np.argmax(probabilities[r]))
-      text = f'pred {figures.class_name(k, names)} ({probabilities[r, k]:.2f})'
+    def draw(ax, i, _):
+      ax.imshow(figures.as_rgb(images[i]))
+      k = int(np.argmax(probabilities[i]))
+      text = f'pred {figures.class_name(k, names)} ({probabilities[i, k]:.2f})'
       if truth is not None and 'label' in truth:
-        true = int(truth['label'][r])
+        true = int(truth['label'][i])
         text = f'true {figures.class_name(true, names)}\n{text}'
         ax.set_xlabel(text, fontsize=8, color='green' if true == k else 'red')
       else:
         ax.set_xlabel(text, fontsize=8)
-    return figures.grid(path, ['image'], len(images), draw, title=title)
+    return figures.grid(path, [''], len(images), draw, title=title)
 
 
 __all__ = ['Classification', 'cross_entropy', 'confusion_summary',

@@ -1,5 +1,5 @@
-"""Drawing for the tasks' panels (matplotlib, off-screen): a grid of examples by columns, class
-masks as colour overlays, boxes as rectangles. A task decides what goes in each column."""
+"""Drawing for the tasks' panels (matplotlib, off-screen): examples side by side, a row per kind of
+picture; class masks as colour overlays, boxes as rectangles. A task decides what goes in each row."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 # Where a panel stops: more examples make the picture unreadable, not more informative.
-MAX_ROWS = 8
+MAX_EXAMPLES = 8
 
 
 def class_name(k: int, names: Sequence[str] | None) -> str:
@@ -50,23 +50,24 @@ def draw_box(ax, box: Sequence[float], shape: Sequence[int], colour: str, text: 
     ax.text(x0 * w - 0.5, y0 * h - 1.0, text, color=colour, fontsize=7, va='bottom')
 
 
-def grid(path: str, columns: Sequence[str], rows: int,
+def grid(path: str, kinds: Sequence[str], examples: int,
          draw: Callable[[object, int, int], None], *, title: str | None = None) -> str:
-  """Writes a rows x len(columns) grid PNG to `path`; `draw(ax, row, column)` fills each cell."""
+  """Writes a PNG to `path`: one row per kind of picture (input, truth, prediction...), one column
+  per example (at most MAX_EXAMPLES); `draw(ax, example, kind)` fills each cell."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  rows = min(rows, MAX_ROWS)
-  fig, axes = plt.subplots(rows, len(columns), figsize=(2.1 * len(columns), 2.1 * rows + 0.3),
+  examples = min(examples, MAX_EXAMPLES)
+  fig, axes = plt.subplots(len(kinds), examples, figsize=(1.9 * examples + 0.4, 2.0 * len(kinds) + 0.4),
                            squeeze=False)
-  for r in range(rows):
-    for c, name in enumerate(columns):
-      ax = axes[r, c]
+  for k, name in enumerate(kinds):
+    for e in range(examples):
+      ax = axes[k, e]
       ax.set_xticks([])
       ax.set_yticks([])
-      if r == 0:
-        ax.set_title(name, fontsize=9)
-      draw(ax, r, c)
+      if e == 0 and name:
+        ax.set_ylabel(name, fontsize=9)
+      draw(ax, e, k)
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
@@ -76,4 +77,4 @@ def grid(path: str, columns: Sequence[str], rows: int,
   return path
 
 
-__all__ = ['MAX_ROWS', 'class_name', 'as_rgb', 'palette', 'overlay', 'draw_box', 'grid']
+__all__ = ['MAX_EXAMPLES', 'class_name', 'as_rgb', 'palette', 'overlay', 'draw_box', 'grid']

@@ -120,7 +120,7 @@ class Localization(Task):
     labels, boxes = np.asarray(prediction['label']), np.asarray(prediction['box'])
     probabilities = np.asarray(prediction['probabilities'])
 
-    def draw(ax, r, c):
+    def draw(ax, r, c):  # (example, kind)
       ax.imshow(figures.as_rgb(images[r]))
       shape = images[r].shape
       k = int(labels[r])
@@ -132,7 +132,7 @@ class Localization(Task):
         iou = float(ops.paired_iou(jnp.asarray(boxes[r]), jnp.asarray(truth['bbox'][r])))
         ax.set_xlabel(f'true {figures.class_name(int(truth["label"][r]), names)}, IoU {iou:.2f}',
                       fontsize=8)
-    return figures.grid(path, ['truth (green), prediction (red)'], len(images), draw, title=title)
+    return figures.grid(path, ['green: truth\nred: prediction'], len(images), draw, title=title)
 
 
 __all__ = ['Localization', 'BOX_LOSSES', 'smooth_l1']

@@ -90,7 +90,7 @@ class Reconstruction(Task):
   def figure(self, images, prediction, truth, path, *, title=None):
     reconstruction = np.asarray(prediction['reconstruction'])
 
-    def draw(ax, r, c):
+    def draw(ax, r, c):  # (example, kind)
       image = images[r] if c == 0 else reconstruction[r]
       ax.imshow(figures.as_rgb(image), cmap='gray')
       if c == 1:

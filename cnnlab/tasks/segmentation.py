@@ -115,7 +115,7 @@ class Segmentation(Task):
     columns = ['image', *(['truth'] if truth is not None and 'mask' in truth else []), 'prediction']
     predicted = np.asarray(prediction['mask'])
 
-    def draw(ax, r, c):
+    def draw(ax, r, c):  # (example, kind)
       column = columns[c]
       if column == 'image':
         ax.imshow(figures.as_rgb(images[r]))

@@ -91,7 +91,7 @@ def verify_step_dir(path: str) -> None:
             'loading never unpickles (it could run arbitrary code). Refusing to load.')
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
   """'params/stage1_conv1/conv/kernel' for a pytree path of attribute, dict or sequence keys."""
   names = []
   for key in path:
@@ -237,9 +237,9 @@ class Checkpointer:
     (a changed model resumed with checkpoint.allow_config_change), and those only one side has;
     nothing is restored or written."""
     step = self._check_step(step)
-    saved = {_path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(
+    saved = {path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(
         self.manager.item_metadata(step)['state'])[0] if hasattr(m, 'shape')}
-    wanted = {_path_name(p): tuple(x.shape) for p, x in
+    wanted = {path_name(p): tuple(x.shape) for p, x in
               jax.tree_util.tree_flatten_with_path(target)[0]}
     problems = [f'{k}: saved {saved[k]}, the model has {wanted[k]}' for k in sorted(saved)
                 if k in wanted and saved[k] != wanted[k]]

@@ -29,6 +29,7 @@ import numpy as np
 
 from cnnlab import config as config_lib
 from cnnlab import workdir as workdir_lib
+from cnnlab.train.checkpoint import path_name
 
 TRANSFER_FILE = 'transfer.json'  # WORKDIR/transfer.json: what init_from copied and what it did not
 STEPS = ('latest', 'best')  # transfer.init_step besides a step number
@@ -36,17 +37,6 @@ COLLECTIONS = ('params', 'batch_stats')  # what is transferred
 
 
 # ---- paths and patterns ----
-
-def path_name(path) -> str:
-  """'stage1_conv1/conv/kernel' for a pytree key path (dict, attribute or sequence keys)."""
-  names = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        names.append(str(getattr(key, attr)))
-        break
-  return '/'.join(names)
-
 
 def flat(tree) -> dict[str, Any]:
   """{path: leaf} of a pytree of variables (paths as `path_name` writes them)."""
