@@ -209,7 +209,7 @@ def test_attributions_equal_captum(twin, method):
   model, t = twin['model'], twin['twin']
   x, target = twin['images'], twin['target']
   layer, torch_layer = twin['cam_layers']
-  ours_options, captum = {}, {}
+  ours_options = {}
   if method == 'saliency':
     oracle = lambda: captum_attr.Saliency(t).attribute(nchw(x), target=target.tolist())
   elif method == 'guided_backprop':

@@ -120,7 +120,8 @@ def per_class_rate(numerator: np.ndarray, denominator: np.ndarray) -> list[float
 def check_shape(what: str, actual, expected: tuple) -> None:
   """Raises TaskError unless `actual` (a shape) equals `expected`, where None matches any size."""
   actual = tuple(actual)
-  if len(actual) != len(expected) or any(e is not None and a != e for a, e in zip(actual, expected)):
+  fits = len(actual) == len(expected) and all(e is None or a == e for a, e in zip(actual, expected))
+  if not fits:
     shown = tuple('?' if e is None else e for e in expected)
     raise TaskError(f'{what}: expected shape {shown}, the model gives {actual}')
 

@@ -11,8 +11,8 @@ import optax
 
 from cnnlab.layers import as_logits
 from cnnlab.tasks import figures
-from cnnlab.tasks.names import HEADLINES, METRICS
 from cnnlab.tasks.base import Task, TaskError, check_shape, confusion, output_shape, per_class_rate
+from cnnlab.tasks.names import HEADLINES, METRICS
 
 # The evaluation counts a confusion matrix (true class x predicted class) for up to this many
 # classes; beyond, the matrix is too large to be read or kept in summary.json.

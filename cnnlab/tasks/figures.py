@@ -1,5 +1,6 @@
 """Drawing for the tasks' panels (matplotlib, off-screen): examples side by side, a row per kind of
-picture; class masks as colour overlays, boxes as rectangles. A task decides what goes in each row."""
+picture; class masks as colour overlays, boxes as rectangles. A task decides what goes in each
+row."""
 
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ def grid(path: str, kinds: Sequence[str], examples: int,
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   examples = min(examples, MAX_EXAMPLES)
-  fig, axes = plt.subplots(len(kinds), examples, figsize=(1.9 * examples + 0.4, 2.0 * len(kinds) + 0.4),
-                           squeeze=False)
+  size = (1.9 * examples + 0.4, 2.0 * len(kinds) + 0.4)  # inches
+  fig, axes = plt.subplots(len(kinds), examples, figsize=size, squeeze=False)
   for k, name in enumerate(kinds):
     for e in range(examples):
       ax = axes[k, e]

@@ -12,9 +12,9 @@ import numpy as np
 from cnnlab import ops
 from cnnlab.layers import as_logits
 from cnnlab.tasks import figures
-from cnnlab.tasks.names import HEADLINES, METRICS
 from cnnlab.tasks.base import Task, TaskError, check_shape, confusion, output_shape
 from cnnlab.tasks.classification import CONFUSION_MAX_CLASSES, confusion_summary, cross_entropy
+from cnnlab.tasks.names import HEADLINES, METRICS
 
 BOX_LOSSES = ('smooth_l1', 'giou')
 

@@ -51,4 +51,5 @@ def headline(config) -> tuple[str, str]:
   return metric, checkpoint.get('best_mode') or mode
 
 
-__all__ = ['METRICS', 'HEADLINES', 'LOWER_IS_BETTER', 'PERCENT', 'display', 'TASK_NAMES', 'task_name', 'headline']
+__all__ = ['METRICS', 'HEADLINES', 'LOWER_IS_BETTER', 'PERCENT', 'display', 'TASK_NAMES',
+           'task_name', 'headline']

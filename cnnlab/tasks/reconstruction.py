@@ -12,8 +12,8 @@ import optax
 
 from cnnlab.layers import as_logits
 from cnnlab.tasks import figures
-from cnnlab.tasks.names import HEADLINES, METRICS
 from cnnlab.tasks.base import Task, TaskError, check_shape, output_shape
+from cnnlab.tasks.names import HEADLINES, METRICS
 
 PIXEL_LOSSES = ('mse', 'bce')
 # PSNR of a perfect reconstruction is infinite; an image's MSE is floored here (PSNR <= 100 dB).

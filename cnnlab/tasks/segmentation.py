@@ -12,8 +12,8 @@ import optax
 
 from cnnlab.layers import as_logits
 from cnnlab.tasks import figures
-from cnnlab.tasks.names import HEADLINES, METRICS
 from cnnlab.tasks.base import Task, TaskError, check_shape, confusion, output_shape, per_class_rate
+from cnnlab.tasks.names import HEADLINES, METRICS
 
 
 @dataclasses.dataclass(frozen=True)
