@@ -24,7 +24,8 @@ def get_config():
   # The backbone keeps its spatial layout to the end: a global average would blur where the
   # shape is, so its last stage is flattened.
   config.model.backbone_args = ml_collections.ConfigDict(dict(
-      filters=(32, 64, 96), kernel_size=3, stride=(2, 1, 1), pool=('none', 'max', 'max'),
+      filters=(32, 64, 128), convs_per_stage=2, kernel_size=3, stride=(2, 1, 1),
+      pool=('none', 'max', 'max'),
       norm='batch', head='flatten'))
   config.model.box_hidden = 128
   config.data.name = 'shapes'
@@ -32,7 +33,7 @@ def get_config():
   config.data.shapes.num_classes = 4
   config.data.augment.flip = 'random'  # boxes are flipped with their images
   config.train.batch_size = 64
-  config.train.num_epochs = 10.0
+  config.train.num_epochs = 15.0
   config.train.log_every_steps = 100
   config.optim.name = 'adam'
   config.optim.learning_rate = 2e-3

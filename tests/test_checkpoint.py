@@ -460,8 +460,8 @@ def test_resuming_with_changed_structure_is_refused_unless_allowed(tmp_path, dat
   assert 'log.' not in message and 'train.num_steps' not in message
   assert open(os.path.join(workdir, 'config.json')).read() == config_json  # untouched
   code = cli.main(['train', '--config', experiment(data_dir), '--workdir', workdir,
-                   '--config.train.num_steps=6', '--config.model.stride=2'])
-  assert code == 2 and 'model.stride: 1 -> 2' in capsys.readouterr().err
+                   '--config.train.num_steps=6', '--config.model.kernel_size=5'])
+  assert code == 2 and 'model.kernel_size: 3 -> 5' in capsys.readouterr().err
 
   # Longer training, other logging and checkpointing, another layout: a continuation.
   extended = make_config(data_dir, train__num_steps=6, train__log_every_steps=2,
