@@ -36,6 +36,11 @@ CSV_FIELDS = ('{metric}_mean', '{metric}_std', 'loss_mean', 'loss_std', 'seeds',
               'receptive_field', 'wall_time_s', 'images_per_sec', 'runs')
 
 
+def csv_fields(metric: str) -> list[str]:
+  """results.csv's columns after the swept keys, for the runs' headline `metric`."""
+  return [field.format(metric=metric) for field in CSV_FIELDS]
+
+
 @dataclasses.dataclass
 class RunDir:
   """One run directory of a sweep root."""
@@ -226,7 +231,7 @@ def write(root: str, *, plots: bool = True) -> dict[str, Any]:
 def _write_csv(path: str, keys: Sequence[str], rows: Sequence[Row]) -> None:
   with open(path, 'w', newline='', encoding='utf-8') as f:
     out = csv.writer(f)
-    out.writerow([*keys, *(f.format(metric=rows[0].metric) for f in CSV_FIELDS)])
+    out.writerow([*keys, *csv_fields(rows[0].metric)])
     for row in rows:
       cells = [row.metric_mean, row.metric_std, row.loss_mean, row.loss_std, row.seeds,
                row.params, row.macs, _rf(row.receptive_field), row.wall_time_s, row.images_per_sec,
