@@ -180,11 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help='only runs in this state (repeatable)')
   p.set_defaults(func=_runs)
 
-  from cnnlab import predict, pretrained_cli  # (no JAX until a command runs)
-  from cnnlab.explain import command as explain_command
+  from cnnlab import explain_cli, predict, pretrained_cli  # (no JAX until a command runs)
   predict.add_parser(sub)
   pretrained_cli.add_parser(sub)
-  explain_command.add_parser(sub)
+  explain_cli.add_parser(sub)
 
   p = sub.add_parser('prepare', help='download/generate a dataset into the data directory')
   p.add_argument('name', help='dataset name (see cnnlab.data.list_datasets())')

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from cnnlab import explain, layers
-from cnnlab.explain import command, features, figures, probe
+from cnnlab import explain_cli
+from cnnlab.explain import features, figures, probe
 from cnnlab.layers import common
 
 torch = pytest.importorskip('torch')
@@ -508,7 +509,7 @@ def small_run():
 
 def explain_command(*argv):
   parser = argparse.ArgumentParser(prog='cnnlab')
-  command.add_parser(parser.add_subparsers(dest='command'))
+  explain_cli.add_parser(parser.add_subparsers(dest='command'))
   args = parser.parse_args(['explain', *argv])
   return args.func(args)
 

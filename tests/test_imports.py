@@ -15,10 +15,10 @@ PACKAGE = os.path.join(ROOT, 'cnnlab')
 # Top (0) to bottom. Within a layer, modules may import each other as long as no circle forms.
 LAYERS = [
     ['cnnlab.cli', 'cnnlab'],
-    ['cnnlab.sweeps', 'cnnlab.predict', 'cnnlab.explain', 'cnnlab.pretrained_cli'],
+    ['cnnlab.sweeps', 'cnnlab.predict', 'cnnlab.explain_cli', 'cnnlab.pretrained_cli'],
     ['cnnlab.inference', 'cnnlab.pretrained'],
     ['cnnlab.train'],
-    ['cnnlab.parallel', 'cnnlab.config', 'cnnlab.configs', 'cnnlab.analysis'],
+    ['cnnlab.parallel', 'cnnlab.config', 'cnnlab.configs', 'cnnlab.analysis', 'cnnlab.explain'],
     ['cnnlab.models', 'cnnlab.tasks'],
     ['cnnlab.layers', 'cnnlab.data', 'cnnlab.ops'],
     ['cnnlab.geometry', 'cnnlab.workdir', 'cnnlab.runs'],

@@ -15,8 +15,10 @@ with `images` (B, H, W, C) as the model sees them (normalised floats, `run.prepr
   perturbation  occlusion
   features      filters, feature_maps, top_activations, receptive_field_map
   probe         input checks, the named layers (list_layers), taps on a layer's output
-  examples      the images a command explains (a dataset split, image files, .npy)
-  figures       the PNG grids;  command: `cnnlab explain`
+  figures       the PNG grids
+
+`cnnlab explain` (cnnlab.explain_cli) draws them for a trained run. The package sits below
+cnnlab.train, so a training run can draw them too (log.images).
 
 Guided backpropagation and the deconvnet replace ReLU's backward pass through one mechanism:
 `relu_backward('guided' | 'deconvnet')` (cnnlab.layers.common), read when `cnnlab.layers`'s
@@ -26,7 +28,7 @@ Guided backpropagation and the deconvnet replace ReLU's backward pass through on
     >>> x = run.preprocess(images)                      # uint8 (B, 28, 28, 1)
     >>> cam = explain.grad_cam(run.model, run.variables, x, labels, layer='stage3_conv1')
 
-The submodules are imported when first used, so `cnnlab explain`'s parser (command) loads no JAX.
+The submodules are imported when first used, so `cnnlab explain`'s parser loads no JAX.
 """
 
 import importlib

@@ -213,11 +213,12 @@ def top_activations(run, layer: str, channel: int, dataset, k: int = 9, *, split
   run: a LoadedRun (cnnlab.load_run). dataset: a dataset name (its `split`, the first `limit`
   examples; None: all) or uint8 images (N, H, W, C) at the run's input shape.
   """
-  from cnnlab.explain import examples
+  from cnnlab.data import examples
   geometry.check_positive('k', k)
   geometry.check_positive('batch_size', batch_size)
   if isinstance(dataset, str):
-    chunks = examples.iterate_dataset(run, dataset, split, limit)
+    chunks = ((c['image'], c['label']) for c in
+              examples.iterate(run.config.data, run.image_shape, dataset, split, limit))
   else:
     array = np.asarray(dataset)
     if array.dtype != np.uint8 or array.shape[1:] != tuple(run.image_shape):

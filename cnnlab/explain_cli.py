@@ -6,10 +6,10 @@
     cnnlab explain --run runs/quickstart --method occlusion --window 6 --stride 3 --images my.png
 
 The images are the first --num examples of --split of --dataset (default: the run's), or
---images (PNG/JPEG files or uint8 .npy arrays, resized to the run's input). Each method writes
-OUT/METHOD.png (per image: the picture captioned with the true class, the predicted class and its
-probability, beside the heat map over it) and OUT/METHOD.npz (images, labels, predicted,
-probabilities, target, attributions). OUT defaults to RUN/explain.
+--images (PNG/JPEG files, directories of them, or .npy arrays, fitted to the run's input). Each
+method writes OUT/METHOD.png (per image: the picture captioned with the true class, the predicted
+class and its probability, beside the heat map over it) and OUT/METHOD.npz (images, labels,
+predicted, probabilities, target, attributions). OUT defaults to RUN/explain.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument('--dataset', default=None, metavar='NAME', help="default: the run's dataset")
   p.add_argument('--split', default='test')
   p.add_argument('--num', type=int, default=16, help='examples explained (the first of the split)')
-  p.add_argument('--images', nargs='+', metavar='FILE',
-                 help='PNG/JPEG files or uint8 .npy arrays instead of the dataset')
+  p.add_argument('--images', nargs='+', metavar='PATH',
+                 help='PNG/JPEG files, directories of them or .npy arrays instead of the dataset')
   p.add_argument('--filters', action='append', default=[], metavar='LAYER',
                  help="a convolution's filters (repeatable)")
   p.add_argument('--feature-maps', action='append', default=[], metavar='LAYER',
@@ -133,7 +133,8 @@ def _check_request(args, run, info) -> None:
 def main(args: argparse.Namespace) -> int:
   import jax
   from cnnlab import inference
-  from cnnlab.explain import examples, features, figures, probe
+  from cnnlab.data import examples
+  from cnnlab.explain import features, figures, probe
   if not (args.method or args.filters or args.feature_maps or args.top_activations):
     raise ValueError('nothing to explain: give --method, --filters, --feature-maps or '
                      '--top-activations')
@@ -147,9 +148,10 @@ def main(args: argparse.Namespace) -> int:
   run = inference.load_run(args.run, step)
   dataset = args.dataset or run.config.data.name
   if args.images:
-    images, labels = examples.from_files(args.images, run.image_shape), None
+    images, labels = examples.read_images(args.images, run.image_shape), None
   else:
-    images, labels = examples.from_dataset(run, dataset, args.split, args.num)
+    first = examples.first(run.config.data, run.image_shape, dataset, args.split, args.num)
+    images, labels = first['image'], first['label']
   x = run.preprocess(images)
   _, _, info = probe.check(run.model, run.variables, x)
   _check_request(args, run, info)
