@@ -180,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help='only runs in this state (repeatable)')
   p.set_defaults(func=_runs)
 
-  from cnnlab import explain_cli, predict, pretrained_cli  # (no JAX until a command runs)
+  from cnnlab import embed, explain_cli, predict, pretrained_cli  # (no JAX until a command runs)
   predict.add_parser(sub)
+  embed.add_parser(sub)
   pretrained_cli.add_parser(sub)
   explain_cli.add_parser(sub)
 

@@ -15,7 +15,8 @@ PACKAGE = os.path.join(ROOT, 'cnnlab')
 # Top (0) to bottom. Within a layer, modules may import each other as long as no circle forms.
 LAYERS = [
     ['cnnlab.cli', 'cnnlab'],
-    ['cnnlab.sweeps', 'cnnlab.predict', 'cnnlab.explain_cli', 'cnnlab.pretrained_cli'],
+    ['cnnlab.sweeps', 'cnnlab.predict', 'cnnlab.embed', 'cnnlab.explain_cli',
+     'cnnlab.pretrained_cli'],
     ['cnnlab.inference', 'cnnlab.pretrained'],
     ['cnnlab.train'],
     ['cnnlab.parallel', 'cnnlab.config', 'cnnlab.configs', 'cnnlab.analysis', 'cnnlab.explain'],
