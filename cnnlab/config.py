@@ -250,6 +250,8 @@ def validate(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if config.checkpoint.best_mode is not None:
     choice('checkpoint.best_mode', ('max', 'min'))
   choice('log.progress', ('auto', 'bar', 'plain', 'none'))
+  check(config.log.tensorboard or not config.log.images,
+        'log.images=True draws into TensorBoard: it needs log.tensorboard=True')
   for key in ('train.batch_size', 'train.log_every_steps', 'checkpoint.keep',
               'train.max_consecutive_skips'):
     check(get_value(config, key) >= 1, f'{key}={get_value(config, key)!r}: expected a positive int')

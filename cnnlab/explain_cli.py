@@ -82,15 +82,6 @@ def _file_name(layer: str) -> str:
   return layer.replace('/', '.')
 
 
-def default_layer(info) -> str:
-  """Grad-CAM's default layer: the last top-level module with a (B, h, w, C) output."""
-  spatial = [name for name, layer in info.layers.items()
-             if layer.spatial and layer.module == name and '/' not in name]
-  if not spatial:
-    raise ValueError(f'{info.model} has no spatial layer for grad_cam')
-  return spatial[-1]
-
-
 def _options(method: str, args, layer: str | None) -> dict:
   if method == 'integrated_gradients':
     return {'steps': args.steps, 'baseline': args.baseline}
@@ -135,6 +126,7 @@ def main(args: argparse.Namespace) -> int:
   from cnnlab import inference
   from cnnlab.data import examples
   from cnnlab.explain import features, figures, probe
+  from cnnlab.explain.cam import default_layer
   if not (args.method or args.filters or args.feature_maps or args.top_activations):
     raise ValueError('nothing to explain: give --method, --filters, --feature-maps or '
                      '--top-activations')
@@ -216,4 +208,4 @@ def main(args: argparse.Namespace) -> int:
       print(f'top activations {layer} channel {channel}: {png}')
   return 0
 
-__all__ = ['add_parser', 'main', 'default_layer', 'explain_images']
+__all__ = ['add_parser', 'main', 'explain_images']

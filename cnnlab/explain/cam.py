@@ -41,9 +41,19 @@ def grad_cam(model: nn.Module, variables, images, target, *, layer: str) -> Grad
   return GradCam(cam, upsample(cam, images.shape[1:3]))
 
 
+def default_layer(info: probe.Inspection) -> str:
+  """Grad-CAM's default layer: the last top-level module with a (B, h, w, C) output, the
+  coarsest map that still says where (Selvaraju et al. use the last convolutional layer)."""
+  spatial = [name for name, layer in info.layers.items()
+             if layer.spatial and layer.module == name and '/' not in name]
+  if not spatial:
+    raise ValueError(f'{info.model} has no spatial layer for grad_cam')
+  return spatial[-1]
+
+
 def upsample(maps: jax.Array, size) -> jax.Array:
   """(B, h, w) -> (B, H, W) bilinear (half-pixel centres; no antialiasing when shrinking)."""
   return jax.image.resize(maps, (maps.shape[0], *size), 'bilinear', antialias=False)
 
 
-__all__ = ['GradCam', 'grad_cam', 'upsample']
+__all__ = ['GradCam', 'grad_cam', 'default_layer', 'upsample']

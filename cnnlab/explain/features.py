@@ -19,12 +19,12 @@ from cnnlab.layers.common import relu_backward
 Box = tuple[int, int, int, int]  # (top, left, bottom, right) pixels, inclusive; may leave the image
 
 
-def _kernels(tree, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+def kernels(tree, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
   """{'a/b': kernel} for every 4-D 'kernel' parameter under `tree`, keyed by its module's path."""
   out = {}
   for key, value in tree.items():
     if hasattr(value, 'items'):
-      out.update(_kernels(value, prefix + (key,)))
+      out.update(kernels(value, prefix + (key,)))
     elif key == 'kernel' and getattr(value, 'ndim', 0) == 4:
       out['/'.join(prefix)] = value
   return out
@@ -36,10 +36,10 @@ def filters(variables, layer: str) -> jax.Array:
   layer: the convolution's module path (`stage1_conv1/conv`) or any module holding exactly one
   convolution (`stage1_conv1`, a ConvBlock). An unknown name lists the convolutions.
   """
-  kernels = _kernels(variables.get('params', variables))
-  found = {path: k for path, k in kernels.items() if path == layer or path.startswith(layer + '/')}
+  every = kernels(variables.get('params', variables))
+  found = {path: k for path, k in every.items() if path == layer or path.startswith(layer + '/')}
   if len(found) != 1:
-    listing = '\n'.join(f'  {path}  {tuple(k.shape)}' for path, k in kernels.items())
+    listing = '\n'.join(f'  {path}  {tuple(k.shape)}' for path, k in every.items())
     what = 'no convolution' if not found else f'{len(found)} convolutions'
     raise ValueError(f'layer {layer!r} holds {what}; name one of these (kernel shapes '
                      f'kh, kw, C_in, C_out):\n{listing}')
@@ -268,5 +268,5 @@ def top_activations(run, layer: str, channel: int, dataset, k: int = 9, *, split
       np.stack([crop(p, box) for p, box in zip(projections, boxes)]), field)
 
 
-__all__ = ['filters', 'feature_maps', 'analytic_field', 'unit_box', 'crop', 'ReceptiveFieldMap',
+__all__ = ['kernels', 'filters', 'feature_maps', 'analytic_field', 'unit_box', 'crop', 'ReceptiveFieldMap',
            'receptive_field_map', 'TopActivations', 'top_activations', 'deconvnet_projection']

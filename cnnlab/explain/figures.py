@@ -3,6 +3,10 @@ predicted class with probability), filters, feature maps, top activations, recep
 
 matplotlib's object API on the Agg canvas (no pyplot, no global backend), as cnnlab.runs.
 Images are the uint8 (N, H, W, C) pictures as stored, not the normalised model input.
+
+`filters_mosaic` and `attribution_mosaic` compose the same tiles as arrays (uint8 (H, W, 3)), with
+no figure to draw: a training run's log.images writes them into TensorBoard at every evaluation,
+where a matplotlib figure would cost about as much as the evaluation itself.
 """
 
 from __future__ import annotations
@@ -52,6 +56,20 @@ def _centred(x: np.ndarray) -> np.ndarray:
   return np.full_like(x, 0.5) if scale == 0 else 0.5 + x / (2 * scale)
 
 
+def overlay(picture: np.ndarray, heat: np.ndarray, signed: bool) -> np.ndarray:
+  """(H, W, 3) in 0..1: the (H, W) gray picture in 0..1 under the (H, W) heat map at 60% opacity:
+  a diverging map (red for, blue against, symmetric about 0) when `signed`, else 'inferno' from 0
+  to the map's maximum."""
+  from matplotlib import colormaps
+  heat = np.asarray(heat, np.float64)
+  if signed:
+    limit = np.abs(heat).max() or 1.0
+    colours = colormaps['bwr']((heat + limit) / (2 * limit))[..., :3]
+  else:
+    colours = colormaps['inferno'](heat / (heat.max() or 1.0))[..., :3]
+  return 0.4 * np.asarray(picture, np.float64)[..., None] + 0.6 * colours
+
+
 def heatmap(attributions: np.ndarray, signed: bool) -> np.ndarray:
   """(B, H, W, C) -> (B, H, W): the channels' sum when signed, else their largest magnitude."""
   a = np.asarray(attributions, np.float64)
@@ -85,15 +103,57 @@ def attribution_grid(images: np.ndarray, maps: np.ndarray, out: str, *, signed: 
     ax.set_title(text, fontsize=7, color=colour)
     ax.axis('off')
     ax = fig.add_subplot(rows, 2 * columns, 2 * k + 2)
-    ax.imshow(gray, cmap='gray', vmin=0, vmax=1)
-    heat = np.asarray(maps[k], np.float64)
-    if signed:
-      limit = np.abs(heat).max() or 1.0
-      ax.imshow(heat, cmap='bwr', vmin=-limit, vmax=limit, alpha=0.6)
-    else:
-      ax.imshow(heat, cmap='inferno', vmin=0, vmax=heat.max() or 1.0, alpha=0.6)
+    ax.imshow(overlay(gray, maps[k], signed))
     ax.axis('off')
   return _finish(fig, out, title, rows)
+
+
+# A frame's colour: the prediction right, wrong, or not known (tab:green, tab:red, gray).
+FRAME = {True: (0.17, 0.63, 0.17), False: (0.84, 0.15, 0.16), None: (0.5, 0.5, 0.5)}
+
+
+def attribution_mosaic(images: np.ndarray, maps: np.ndarray, *, signed: bool,
+                       correct: Sequence | None = None, columns: int = 4,
+                       tile: int = 96) -> np.ndarray:
+  """`attribution_grid` as one uint8 (H, W, 3) array: per example the picture and the heat map
+  over it (`overlay`), side by side, each enlarged by the whole factor s = ceil(tile / max(h, w))
+  (nearest neighbour) and framed by FRAME colours: a 2-pixel frame around and between the two,
+  green when correct[k], red when not, gray without `correct`. Examples are laid out as
+  `filters_mosaic`'s tiles, with 2-pixel white gaps: example k at row k // columns' and column
+  k % columns' (columns' = min(columns, N)), each (h * s + 4) x (2 * w * s + 6) with its frame; the
+  picture's top-left pixel at (2, 2) of it, the heat map's at (2, w * s + 4)."""
+  n, h, w = len(images), *np.shape(images)[1:3]
+  s = math.ceil(tile / max(h, w))
+  up = lambda x: np.kron(x, np.ones((s, s, 1)))  # noqa: E731
+  tiles = np.empty((n, h * s + 4, 2 * w * s + 6, 3))
+  for k in range(n):
+    picture, cmap = display(images[k])
+    gray = picture if cmap else picture.mean(-1)
+    tiles[k] = FRAME[None if correct is None else bool(correct[k])]
+    tiles[k, 2:-2, 2:2 + w * s] = up(np.repeat(gray[..., None], 3, -1) if cmap else picture)
+    tiles[k, 2:-2, w * s + 4:-2] = up(overlay(gray, maps[k], signed))
+  return _mosaic(tiles, columns, gap=2, fill=1.0)
+
+
+def _mosaic(tiles: np.ndarray, columns: int, *, gap: int, fill: float) -> np.ndarray:
+  """(N, h, w, 3) tiles in 0..1 -> uint8 in rows of min(columns, N), `gap` pixels of `fill`
+  around and between them: (gap + rows * (h + gap), gap + columns * (w + gap), 3)."""
+  n, h, w = tiles.shape[:3]
+  columns = min(columns, n)
+  rows = math.ceil(n / columns)
+  out = np.full((gap + rows * (h + gap), gap + columns * (w + gap), 3), fill)
+  for k in range(n):
+    top, left = gap + (k // columns) * (h + gap), gap + (k % columns) * (w + gap)
+    out[top:top + h, left:left + w] = tiles[k]
+  return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def _filter_tile(w: np.ndarray) -> np.ndarray:
+  """One (kh, kw, C_in) filter as a picture in 0..1, min-max scaled on its own: (kh, kw, 3) in
+  colour for 3 input channels, else (kh, kw) their mean in gray (what one filter is tuned to
+  matters, not how its scale compares with its neighbours')."""
+  w = np.asarray(w, np.float64)
+  return _unit(w) if w.shape[-1] == 3 else _unit(w.mean(-1))
 
 
 def filters_grid(kernel: np.ndarray, out: str, *, title: str = '', limit: int = 64) -> str:
@@ -105,16 +165,31 @@ def filters_grid(kernel: np.ndarray, out: str, *, title: str = '', limit: int = 
   rows = math.ceil(count / columns)
   fig = figure(columns * 1.0 + 0.2, rows * 1.0 + 0.6)
   for k in range(count):
-    w = kernel[..., k]
+    tile = _filter_tile(kernel[..., k])
     ax = fig.add_subplot(rows, columns, k + 1)
-    if w.shape[-1] == 3:
-      ax.imshow(_unit(w), interpolation='nearest')
-    else:
-      ax.imshow(_unit(w.mean(-1)), cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+    ax.imshow(tile, cmap=None if tile.ndim == 3 else 'gray', vmin=0, vmax=1,
+              interpolation='nearest')
     ax.set_title(str(k), fontsize=6)
     ax.axis('off')
   note = '' if kernel.shape[2] == 3 else f' (mean over {kernel.shape[2]} input channels)'
   return _finish(fig, out, f'{title}{note}', rows)
+
+
+def filters_mosaic(kernel: np.ndarray, *, limit: int = 64, columns: int = 8,
+                   tile: int = 24) -> np.ndarray:
+  """`filters_grid` as one uint8 (H, W, 3) array: the first `limit` filters' tiles, each enlarged
+  by the whole factor s = ceil(tile / max(kh, kw)) (nearest neighbour: every weight one block),
+  in rows of columns' = min(columns, count) with 1-pixel gray lines around them:
+  H = 1 + rows * (kh * s + 1), W = 1 + columns' * (kw * s + 1)."""
+  kernel = np.asarray(kernel, np.float64)
+  kh, kw = kernel.shape[:2]
+  s = math.ceil(tile / max(kh, kw))
+  tiles = []
+  for k in range(min(limit, kernel.shape[-1])):
+    picture = _filter_tile(kernel[..., k])
+    picture = picture if picture.ndim == 3 else np.repeat(picture[..., None], 3, -1)
+    tiles.append(np.kron(picture, np.ones((s, s, 1))))
+  return _mosaic(np.stack(tiles), columns, gap=1, fill=0.5)
 
 
 def feature_maps_grid(image: np.ndarray, maps: np.ndarray, out: str, *, title: str = '',
@@ -199,5 +274,6 @@ def receptive_field_figure(field_map, out: str) -> str:
   return out
 
 
-__all__ = ['display', 'heatmap', 'attribution_grid', 'filters_grid', 'feature_maps_grid',
-           'top_activations_figure', 'receptive_field_figure']
+__all__ = ['FRAME', 'display', 'overlay', 'heatmap', 'attribution_grid', 'attribution_mosaic',
+           'filters_grid', 'filters_mosaic', 'feature_maps_grid', 'top_activations_figure',
+           'receptive_field_figure']

@@ -45,6 +45,14 @@ class MetricWriter:
         if key not in ('kind', 'step') and isinstance(value, (int, float)):
           self._tb.add_scalar(f'{kind}/{key}', value, step)
 
+  def write_images(self, step: int, images: dict) -> None:
+    """TensorBoard images {tag: uint8 (H, W, 3)} at `step` (log.images); nothing without
+    TensorBoard (metrics.jsonl holds numbers only)."""
+    if self._tb is not None:
+      for tag, image in images.items():
+        self._tb.add_image(tag, image, step, dataformats='HWC')
+      self._tb.flush()
+
   def close(self) -> None:
     if self._file is not None:
       self._file.close()

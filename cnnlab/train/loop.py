@@ -24,8 +24,8 @@ import numpy as np
 
 from cnnlab import analysis, data, models, parallel, tasks, workdir as workdir_lib
 from cnnlab import config as config_lib
-from cnnlab.train import (checkpoint, optim, resume, state as state_lib, step as step_lib,
-                          transfer)
+from cnnlab.train import (checkpoint, images as images_lib, optim, resume, state as state_lib,
+                          step as step_lib, transfer)
 from cnnlab.train.logging import MetricWriter, Progress
 
 
@@ -291,6 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       first = next(batches)
       data.check_batch(first, image_shape=run.info.image_shape, num_classes=run.info.num_classes)
       batch_iter = itertools.chain([first], batches)
+    images = images_lib.TrainImages.create(run, state.variables) if config.log.images else None
     state = run.par.place_state(state)
     setup_time = time.time() - started
     t = time.time()
@@ -354,6 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         eval_time += time.time() - t
         writer.write('eval', done, result)
         progress.evaluated(done, result)
+        if images is not None:  # drawn after the evaluation, outside its time
+          writer.write_images(done, images.render(run.par.unreplicate(state).variables))
         final = evaluated = {**result, 'step': done}
         if best is None or _better(best_metric, best_mode, result, best):
           best, improved = final, True
