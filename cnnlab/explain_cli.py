@@ -59,6 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
   p.add_argument('--dataset', default=None, metavar='NAME', help="default: the run's dataset")
   p.add_argument('--split', default='test')
   p.add_argument('--num', type=int, default=16, help='examples explained (the first of the split)')
+  p.add_argument('--indices', type=int, nargs='+', metavar='I',
+                 help='explain these examples of the split instead of the first --num')
   p.add_argument('--images', nargs='+', metavar='PATH',
                  help='PNG/JPEG files, directories of them or .npy arrays instead of the dataset')
   p.add_argument('--filters', action='append', default=[], metavar='LAYER',
@@ -139,11 +141,15 @@ def main(args: argparse.Namespace) -> int:
     raise ValueError(f'--step must be a step number or "best", got {args.step!r}') from None
   run = inference.load_run(args.run, step)
   dataset = args.dataset or run.config.data.name
+  if args.images and args.indices:
+    raise ValueError('--indices picks examples of the dataset; it does not go with --images')
   if args.images:
     images, labels = examples.read_images(args.images, run.image_shape), None
   else:
-    first = examples.first(run.config.data, run.image_shape, dataset, args.split, args.num)
-    images, labels = first['image'], first['label']
+    chosen = (examples.at(run.config.data, run.image_shape, dataset, args.split, args.indices)
+              if args.indices else
+              examples.first(run.config.data, run.image_shape, dataset, args.split, args.num))
+    images, labels = chosen['image'], chosen['label']
   x = run.preprocess(images)
   _, _, info = probe.check(run.model, run.variables, x)
   _check_request(args, run, info)

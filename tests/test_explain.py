@@ -540,6 +540,15 @@ def test_command_writes_grids_and_arrays(small_run, tmp_path, monkeypatch):
   assert cam['cam'].shape == (6, 2, 2) and cam['attributions'].shape == (6, 8, 8)
   top = np.load(os.path.join(out, 'top_activations_stage2_conv1_c1.npz'))
   assert top['index'].shape == (3,) and top['index'].max() < 40
+  assert explain_command('--run', 'RUN', '--method', 'saliency', '--indices', '4', '1',
+                         '--out', str(tmp_path / 'picked')) == 0  # those examples, in that order
+  picked = np.load(str(tmp_path / 'picked' / 'saliency.npz'))
+  np.testing.assert_array_equal(picked['images'], saved['images'][[4, 1]])
+  np.testing.assert_allclose(picked['attributions'], saved['attributions'][[4, 1]],
+                             rtol=1e-5, atol=1e-7)  # another batch size: rounding differs
+  with pytest.raises(ValueError, match=r'has examples 0\.\.\d+; asked for \[100000\]'):
+    explain_command('--run', 'RUN', '--method', 'saliency', '--indices', '2', '100000',
+                    '--out', out)
 
   from PIL import Image
   npy, png = str(tmp_path / 'mine.npy'), str(tmp_path / 'mine.png')

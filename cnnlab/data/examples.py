@@ -5,6 +5,7 @@ person's own pictures (PNG/JPEG files, directories of them, .npy arrays), fitted
   read_images(paths, image_shape)                   your pictures -> uint8 (N, H, W, C)
   iterate(data_config, image_shape, name, split)    chunks {'image', 'label', 'mask'?, 'bbox'?}
   first(data_config, image_shape, name, split, n)   the first n, as one dict of arrays
+  at(data_config, image_shape, name, split, idx)    the examples at those indices
 
 `data_config` is the run's `config.data`: its data directory, and its builder settings and image
 size when `name` is the run's own dataset. `cnnlab predict`, `cnnlab explain` and `cnnlab embed`
@@ -115,19 +116,34 @@ def _source(data_config, image_shape: Sequence[int], name: str, split: str):
   return source, sources.RecordConverter(info, split, image_size), info
 
 
+def _convert(source, convert, info, split: str, indices) -> dict[str, np.ndarray]:
+  from cnnlab.data import sources
+  records = sources.read_records(source, indices, name=info.name, split=split)
+  converted = [convert(record, int(i)) for i, record in zip(indices, records)]
+  return {key: np.stack([e[key] for e in converted]) for key in converted[0]}
+
+
 def iterate(data_config, image_shape: Sequence[int], name: str, split: str = 'test',
             limit: int | None = None,
             chunk: int = READ_CHUNK) -> Iterator[dict[str, np.ndarray]]:
   """Chunks of the first `limit` examples (None: all) of `name`/`split`, each a dict of arrays:
   image uint8 (n, H, W, C), label (n,), and mask / bbox where the dataset has them."""
-  from cnnlab.data import sources
   source, convert, info = _source(data_config, image_shape, name, split)
   count = len(source) if limit is None else min(len(source), limit)
   for start in range(0, count, chunk):
-    indices = np.arange(start, min(count, start + chunk))
-    records = sources.read_records(source, indices, name=info.name, split=split)
-    converted = [convert(record, int(i)) for i, record in zip(indices, records)]
-    yield {key: np.stack([e[key] for e in converted]) for key in converted[0]}
+    yield _convert(source, convert, info, split, np.arange(start, min(count, start + chunk)))
+
+
+def at(data_config, image_shape: Sequence[int], name: str, split: str,
+       indices: Sequence[int]) -> dict[str, np.ndarray]:
+  """The examples of `name`/`split` at `indices` (in that order), as one dict of arrays."""
+  source, convert, info = _source(data_config, image_shape, name, split)
+  indices = np.asarray(indices, np.int64).reshape(-1)
+  bad = indices[(indices < 0) | (indices >= len(source))]
+  if not len(indices) or len(bad):
+    raise ValueError(f'{name}/{split} has examples 0..{len(source) - 1}; asked for '
+                     f'{bad.tolist() if len(bad) else "none"}')
+  return _convert(source, convert, info, split, indices)
 
 
 def first(data_config, image_shape: Sequence[int], name: str, split: str = 'test',
@@ -139,4 +155,4 @@ def first(data_config, image_shape: Sequence[int], name: str, split: str = 'test
   return {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
 
 
-__all__ = ['IMAGE_SUFFIXES', 'first', 'iterate', 'read_images']
+__all__ = ['IMAGE_SUFFIXES', 'at', 'first', 'iterate', 'read_images']
