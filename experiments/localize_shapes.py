@@ -33,7 +33,7 @@ def get_config():
   config.data.shapes.num_classes = 4
   config.data.augment.flip = 'random'  # boxes are flipped with their images
   config.train.batch_size = 64
-  config.train.num_epochs = 15.0
+  config.train.num_epochs = 10.0
   config.train.log_every_steps = 100
   config.optim.name = 'adam'
   config.optim.learning_rate = 2e-3
