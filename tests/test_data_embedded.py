@@ -77,9 +77,46 @@ def test_shapes_split_position_separates_train_and_test_halves(data_dir):
   assert (centre(test['bbox']) >= 0.5 - 1 / 16).all()
 
 
+def test_shapes_first_kind_draws_the_other_kinds_under_labels_from_0(data_dir, tmp_path):
+  info, other = read('shapes', 'train', data_dir, **SMALL_SHAPES, first_kind=5)
+  assert info.class_names == ('hexagon', 'cross', 'diamond', 'arrow') and info.num_classes == 4
+  np.testing.assert_array_equal(np.bincount(other['label']), [10] * 4)
+  for image_mask, label in zip(other['mask'], other['label']):
+    assert set(np.unique(image_mask)) == {0, label + 1}
+  # Example i is kind 5 + i % 4, with the same random draws as example i of any other kinds: all
+  # nine kinds (kind i % 9) agree with it where i % 9 == 5 + i % 4, i.e. i = 32..35 of the 40, one
+  # per label; the first four kinds (i % 4) never do.
+  _, nine = read('shapes', 'train', data_dir, **{**SMALL_SHAPES, 'num_classes': 9})
+  kind_of_nine = {x.tobytes(): label for x, label in zip(nine['image'], nine['label'])}
+  shared = [(label, kind_of_nine[x.tobytes()]) for x, label in zip(other['image'], other['label'])
+            if x.tobytes() in kind_of_nine]
+  assert sorted(shared) == [(0, 5), (1, 6), (2, 7), (3, 8)]
+  _, first = read('shapes', 'train', data_dir, **SMALL_SHAPES)
+  assert not {x.tobytes() for x in first['image']} & {x.tobytes() for x in other['image']}
+
+
+def test_shapes_default_kinds_keep_their_dataset_name(tmp_path):
+  """A config that leaves first_kind at 0 names the same cached dataset as before the setting
+  existed (the name and digest hash the settings), so caches and runs stay valid."""
+  from cnnlab.data.shapes import Shapes
+  config = data.default_config()
+  config.name = 'shapes'
+  assert data.builder_kwargs(config)['first_kind'] == 0
+  builder = Shapes(data_dir=str(tmp_path), **data.builder_kwargs(config))
+  assert builder.builder_config.name == 'r64_c4_n10000_2000_f0ec1725'
+  assert 'first_kind' not in builder.params()  # what metadata.json of a cached copy holds
+  config.shapes.first_kind = 4
+  assert Shapes(data_dir=str(tmp_path), **data.builder_kwargs(config)).builder_config.name == (
+      'r64_c4k4_n10000_2000_08ea7219')
+
+
 def test_invalid_shapes_settings_are_named(data_dir):
   with pytest.raises(data.DataError, match=r'num_classes=12 \(need 1..9'):
     data.info('shapes', data_dir=data_dir, **{**SMALL_SHAPES, 'num_classes': 12})
+  for first_kind in (6, -1):
+    with pytest.raises(data.DataError, match=rf'first_kind={first_kind} with num_classes=4 '
+                                             r'\(need 0..5'):
+      data.info('shapes', data_dir=data_dir, **SMALL_SHAPES, first_kind=first_kind)
   with pytest.raises(data.DataError, match='digits: unsupported option'):
     data.load('digits', 'train', data_dir=data_dir, resolution=8)
 

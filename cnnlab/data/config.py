@@ -59,6 +59,10 @@ def shapes_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.resolution = 64  # image side in pixels (images are square, RGB)
   c.num_classes = 4  # how many shape kinds, <= 9: circle, square, triangle, star, pentagon, ...
+  # Index in that list of the first kind drawn: the kinds are SHAPE_NAMES[first_kind:first_kind +
+  # num_classes] (label 0 is kind first_kind), so 4 with num_classes 5 draws the 5 kinds a
+  # 4-kind dataset never shows, for transfer learning. 0 keeps the datasets' names and caches.
+  c.first_kind = 0
   c.num_train = 10_000  # examples in the `train` split
   c.num_test = 2_000  # examples in the `test` split
   # Generation seed; the dataset is a pure function of these settings. (Batch order comes from

@@ -2,10 +2,11 @@
 
 Every example is a pure function of (dataset_seed, split, index): one shape of a random kind (the
 label), colour, size, rotation and position on a random texture (smooth colour noise mixed with
-stripes).
+stripes). The kinds are `num_classes` consecutive entries of `SHAPE_NAMES` from `first_kind`, so
+a network pretrained on some kinds can be transferred to others.
 Each example carries
   image  (R, R, 3) uint8
-  label  ()        the shape kind, 0 <= label < num_classes (order of `SHAPE_NAMES`)
+  label  ()        0 <= label < num_classes: the kind SHAPE_NAMES[first_kind + label]
   mask   (R, R)    uint8, 0 = background, label + 1 where the shape covers at least half a pixel
   bbox   (4,)      float32 (ymin, xmin, ymax, xmax) in [0, 1]: the tight box around `mask`
 for classification, segmentation, localisation and translation-invariance experiments
@@ -73,8 +74,10 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def render(rng: np.random.Generator, *, resolution: int, label: int, min_scale: float,
-           max_scale: float, max_rotation: float, x_range: tuple[float, float]) -> dict:
-  """Draws one example of shape `label`; `x_range` bounds the centre's x (fraction of the side)."""
+           max_scale: float, max_rotation: float, x_range: tuple[float, float],
+           kind: int | None = None) -> dict:
+  """Draws one example labelled `label` of shape SHAPE_NAMES[kind] (kind None = label); `x_range`
+  bounds the centre's x (fraction of the side). The random draws do not depend on the kind."""
   size = resolution
   radius = rng.uniform(min_scale, max_scale) * size / 2  # circumscribed radius in pixels
   angle = np.deg2rad(rng.uniform(-max_rotation, max_rotation))
@@ -83,7 +86,8 @@ def render(rng: np.random.Generator, *, resolution: int, label: int, min_scale: 
   cx = rng.uniform(lo_x, hi_x)
   cy = rng.uniform(radius, size - radius) if x_range != (0.5, 0.5) else size / 2
   rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-  vertices = SHAPES[SHAPE_NAMES[label]] @ rotation.T * radius + (cx, cy)  # pixel-edge coordinates
+  outline = SHAPES[SHAPE_NAMES[label if kind is None else kind]]
+  vertices = outline @ rotation.T * radius + (cx, cy)  # pixel-edge coordinates
 
   big = Image.new('L', (size * SUPERSAMPLE,) * 2, 0)
   ImageDraw.Draw(big).polygon([tuple(v) for v in vertices * SUPERSAMPLE], fill=255)
@@ -132,13 +136,16 @@ class Shapes(EmbeddedBuilder):
   def __init__(self, *, config: 'ShapesConfig | None' = None, resolution: int = 64,
                num_classes: int = 4, num_train: int = 10_000, num_test: int = 2_000,
                dataset_seed: int = 0, min_scale: float = 0.3, max_scale: float = 0.6,
-               max_rotation: float = 180.0, position: str = 'random', **kwargs):
+               max_rotation: float = 180.0, position: str = 'random', first_kind: int = 0,
+               **kwargs):
     if config is None:  # (TFDS passes `config` back when it unpickles a builder in a worker)
       params = dict(resolution=int(resolution), num_classes=int(num_classes),
                     num_train=int(num_train), num_test=int(num_test),
                     dataset_seed=int(dataset_seed), min_scale=float(min_scale),
                     max_scale=float(max_scale), max_rotation=float(max_rotation),
                     position=str(position))
+      if first_kind:  # only when set: the default datasets keep their names, digests and caches
+        params['first_kind'] = int(first_kind)
       check_params(params)
       config = ShapesConfig(name=config_name(params), params=params)
     self._params = dict(config.params)
@@ -153,17 +160,20 @@ class Shapes(EmbeddedBuilder):
     return dict(self._params)
 
   def class_names(self):
-    return SHAPE_NAMES[:self.NUM_CLASSES]
+    first = self._params.get('first_kind', 0)
+    return SHAPE_NAMES[first:first + self.NUM_CLASSES]
 
   def _examples(self, split):
     p = self._params
     count = p['num_train'] if split == 'train' else p['num_test']
     x_range = {'random': (0.0, 1.0), 'center': (0.5, 0.5),
                'split': (0.0, 0.5) if split == 'train' else (0.5, 1.0)}[p['position']]
+    first = p.get('first_kind', 0)
     for index in range(count):
       # Independent stream per example: generation order and count never change an example.
       rng = np.random.default_rng([p['dataset_seed'], self.SPLITS.index(split), index])
-      yield render(rng, resolution=p['resolution'], label=index % p['num_classes'],
+      label = index % p['num_classes']
+      yield render(rng, resolution=p['resolution'], label=label, kind=first + label,
                    min_scale=p['min_scale'], max_scale=p['max_scale'],
                    max_rotation=p['max_rotation'], x_range=x_range)
 
@@ -173,9 +183,14 @@ def check_params(p: dict) -> None:
   problems = []
   if p['resolution'] < 8:
     problems.append(f"resolution={p['resolution']} (need >= 8 pixels)")
+  first = p.get('first_kind', 0)
   if not 1 <= p['num_classes'] <= len(SHAPE_NAMES):
     problems.append(f"num_classes={p['num_classes']} (need 1..{len(SHAPE_NAMES)}: "
                     f"{', '.join(SHAPE_NAMES)})")
+  elif not 0 <= first <= len(SHAPE_NAMES) - p['num_classes']:
+    problems.append(f"first_kind={first} with num_classes={p['num_classes']} (need 0.."
+                    f"{len(SHAPE_NAMES) - p['num_classes']}: the kinds are SHAPE_NAMES[first_kind:"
+                    f"first_kind + num_classes] of {', '.join(SHAPE_NAMES)})")
   if p['num_train'] < 1 or p['num_test'] < 1:
     problems.append(f"num_train={p['num_train']}, num_test={p['num_test']} (need >= 1)")
   if not 0 < p['min_scale'] <= p['max_scale'] <= 1:
@@ -188,6 +203,11 @@ def check_params(p: dict) -> None:
 
 
 def config_name(p: dict) -> str:
-  """A readable, unique directory name for one combination of settings."""
+  """A readable, unique directory name for one combination of settings.
+
+  `first_kind` is in `p` only when it is not 0, so the datasets made before it existed keep their
+  names (`r64_c4_n10000_2000_f0ec1725`) and other kinds get their own (`r32_c5k4_n...`).
+  """
   digest = hashlib.sha1(json.dumps(p, sort_keys=True).encode()).hexdigest()[:8]
-  return f"r{p['resolution']}_c{p['num_classes']}_n{p['num_train']}_{p['num_test']}_{digest}"
+  kinds = f"c{p['num_classes']}" + (f"k{p['first_kind']}" if p.get('first_kind') else '')
+  return f"r{p['resolution']}_{kinds}_n{p['num_train']}_{p['num_test']}_{digest}"
