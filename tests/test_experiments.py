@@ -14,8 +14,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 import cnnlab
-from cnnlab import config as config_lib
-from cnnlab.train import loop
+from cnnlab import config as config_lib, data, models
+from cnnlab.sweeps import plan as sweep_plan
+from cnnlab.train import loop, transfer
 from cnnlab.workdir import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +47,20 @@ EXPERIMENTS = {
                          "optim.name='sgd'"], 'pmap'),
     'autoencoder_mnist5k': (['train.batch_size=16', "optim.name='sgd'"], 'jit'),
     'embeddings_mnist5k': (['train.batch_size=16', "optim.name='sgd'"], 'pmap'),
+    'transfer_digits': (['train.batch_size=16', "optim.name='sgd'"], 'jit'),
+    # At 32x32, as cifar10_resnet18: at the shipped 16x16 a batch of 8 leaves ResNet-18's last
+    # stages 2x2 maps, where the gradients of batch norms' biases cancel so far that float32's
+    # summation order (one device or four) moved one by 2% of its largest value in one run.
+    'pretrain_shapes_resnet18': (['train.batch_size=8', *SMALL_SHAPES, 'data.shapes.resolution=32',
+                                  "optim.name='sgd'"], 'pmap'),
+    'transfer_shapes_resnet18': (['train.batch_size=8', *SMALL_SHAPES, 'data.shapes.resolution=32',
+                                  "optim.name='sgd'"], 'jit'),
+}
+# Transfer experiments -> (the experiment whose run their sweep starts from, overrides of both).
+TRANSFERS = {
+    'embeddings_mnist5k': ('autoencoder_mnist5k', []),
+    'transfer_digits': ('quickstart', []),
+    'transfer_shapes_resnet18': ('pretrain_shapes_resnet18', SMALL_SHAPES),
 }
 
 
@@ -78,6 +93,46 @@ def test_experiment_trains_on_4_devices_as_on_one(experiment, tmp_path, data_dir
     worst, path = equivalence.worst_difference(run.variables.get(tree, {}),
                                                getattr(one_state, tree))
     assert worst < 1e-2, f'{tree} {path}: {worst:.2e} of its largest value'
+
+
+def abstract_variables(experiment, overrides, data_dir):
+  """(model, input (H, W, C), its {'params', 'batch_stats'} path -> shape) of an experiment's
+  get_config(), abstractly."""
+  config = config_lib.load(os.path.join(ROOT, 'experiments', f'{experiment}.py'),
+                           [*overrides, f"data.data_dir='{data_dir}'"])
+  info = data.info(config.data.name, data_dir=data_dir, image_size=config.data.image_size,
+                   **data.builder_kwargs(config.data))
+  model = models.from_config(config, info.num_classes)
+  return model, info.image_shape, transfer.variable_shapes(model, info.image_shape)
+
+
+@pytest.mark.parametrize('experiment', sorted(TRANSFERS))
+def test_transfer_sweeps_take_every_tensor_but_the_head_from_their_source(experiment, data_dir):
+  """The sweeps' transfer points need their source run, so the runs above train get_config()
+  from scratch. Here every point is checked against the source experiment's model, abstractly:
+  its freeze, lr_multipliers and init_exclude patterns name the model's tensors (as the run
+  checks them), init_from copies every tensor but the head's (same path and shape, not
+  excluded), so nothing meant to transfer silently starts afresh, and a probe trains the head
+  alone."""
+  source_name, overrides = TRANSFERS[experiment]
+  *_, source = abstract_variables(source_name, overrides, data_dir)
+  model, image_shape, target = abstract_variables(experiment, overrides, data_dir)
+  points = sweep_plan.load_sweep(os.path.join(ROOT, 'experiments', f'{experiment}.py'))
+  transferred = [p for p in points if p.get('transfer.init_from')]
+  assert transferred and len(transferred) < len(points)  # and some from scratch, to compare
+  for point in points:
+    args = [*overrides, *(f'{k}={sweep_plan.literal(k, v)}' for k, v in point.items())]
+    config = config_lib.load(os.path.join(ROOT, 'experiments', f'{experiment}.py'), args)
+    loop.check_parameter_keys(config, model, image_shape)
+    if not config.transfer.init_from:
+      continue
+    for collection in ('params', 'batch_stats'):
+      for path, shape in target[collection].items():
+        copied = (source[collection].get(path) == shape
+                  and not transfer.matches_any(config.transfer.init_exclude, path))
+        assert copied != transfer.matches('head', path), (point, collection, path)
+    frozen = [p for p in target['params'] if transfer.matches_any(config.optim.freeze, p)]
+    assert not frozen or set(target['params']) - set(frozen) == {'head/kernel', 'head/bias'}
 
 
 @pytest.mark.parametrize('name', config_lib.OPTIMIZERS)
