@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 import cnnlab
 from cnnlab import config as config_lib, data, models
 from cnnlab.sweeps import plan as sweep_plan
-from cnnlab.train import loop, transfer
+from cnnlab.train import checks, loop, transfer
 from cnnlab.workdir import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +123,7 @@ def test_transfer_sweeps_take_every_tensor_but_the_head_from_their_source(experi
   for point in points:
     args = [*overrides, *(f'{k}={sweep_plan.literal(k, v)}' for k, v in point.items())]
     config = config_lib.load(os.path.join(ROOT, 'experiments', f'{experiment}.py'), args)
-    loop.check_parameter_keys(config, model, image_shape)
+    checks.check_parameter_keys(config, model, image_shape)
     if not config.transfer.init_from:
       continue
     for collection in ('params', 'batch_stats'):

@@ -24,8 +24,8 @@ import numpy as np
 
 from cnnlab import analysis, data, models, parallel, tasks, workdir as workdir_lib
 from cnnlab import config as config_lib
-from cnnlab.train import (checkpoint, images as images_lib, optim, resume, state as state_lib,
-                          step as step_lib, transfer)
+from cnnlab.train import (checkpoint, checks, images as images_lib, optim, resume,
+                          state as state_lib, step as step_lib, transfer)
 from cnnlab.train.logging import MetricWriter, Progress
 
 
@@ -116,8 +116,8 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   par = parallel.Parallel.create(config.parallel.strategy, config.parallel.num_devices,
                                  config.parallel.fsdp)
   model = models.from_config(config, num_classes, par.axis_name)
-  check_outputs(model, task, info.image_shape)
-  variables = check_parameter_keys(config, model, info.image_shape)
+  checks.check_outputs(model, task, info.image_shape)
+  variables = checks.check_parameter_keys(config, model, info.image_shape)
   batch_size = config.train.batch_size
   eval_batch = config.train.eval_batch_size or batch_size
   common = dict(seed=config.seed, sharding_replicated=par.replicated,
@@ -145,33 +145,6 @@ def setup(config: ml_collections.ConfigDict) -> Run:
       frozen_batch_norm=frozen_bn)
   return Run(config, info, num_classes, model, par, train_data, eval_data, settings, total,
              steps_per_epoch, config.train.eval_every_steps or steps_per_epoch)
-
-
-def check_parameter_keys(config, model, image_shape) -> dict | None:
-  """Checks the keys that name the model's variables by path pattern (optim.freeze,
-  optim.lr_multipliers, transfer.init_exclude) and the transfer section: ConfigError listing
-  every problem. Returns the variables' {'params': {path: shape}, 'batch_stats': ...} (abstract)
-  when a pattern needed them, else None."""
-  problems = [*optim.check_config(config.optim), *transfer.check_config(config.transfer)]
-  variables = None
-  if config.optim.freeze or config.optim.lr_multipliers or config.transfer.init_exclude:
-    variables = transfer.variable_shapes(model, image_shape)
-    problems += [*optim.check_patterns(config.optim, variables),
-                 *transfer.check_patterns(config.transfer, variables)]
-  if problems:
-    raise config_lib.ConfigError('invalid config:\n  ' + '\n  '.join(problems))
-  return variables
-
-
-def check_outputs(model, task: tasks.Task, image_shape) -> None:
-  """Raises TaskError (naming the expected and the actual shape) unless the model's output fits
-  the task: abstractly, before anything compiles or is written."""
-  images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
-
-  def outputs(x):
-    key = jax.random.key(0)
-    return model.init_with_output({'params': key, 'dropout': key}, x, train=False)[0]
-  task.check_outputs(jax.eval_shape(outputs, images), images)
 
 
 def model_facts(run: Run) -> dict[str, Any]:
