@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cnnlab import workdir  # (no JAX: the parsers build without it)
+
 METHODS = ('pca', 'tsne')
 PENULTIMATE = 'penultimate'  # the layer name stored when --layer is not given
 LEGEND_MAX = 20  # classes named in the figure's legend; more are coloured without one
@@ -201,11 +203,7 @@ def command(args: argparse.Namespace) -> int:
     raise ValueError(f'--limit must be >= 1, got {args.limit}')
   if args.images and args.dataset:
     raise ValueError('give --dataset NAME (with --split) or --images PATH ..., not both')
-  try:
-    step = args.step if args.step in (None, 'best') else int(args.step)
-  except ValueError:
-    raise ValueError(f'--step must be a step number or "best", got {args.step!r}') from None
-  run = inference.load_run(args.run, step)
+  run = inference.load_run(args.run, args.step)
   dim = width(run, args.layer)  # a bad layer fails before the split is read
   if args.images:
     images = examples.read_images(args.images, run.image_shape)[:args.limit]
@@ -237,10 +235,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
       'embed', help="a run's penultimate (or a layer's) features of a split, with a 2-D PCA or "
       't-SNE map coloured by class (.npz and .png)', description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--run', required=True, metavar='DIR',
-                 help='a run directory (--workdir of cnnlab train)')
-  p.add_argument('--step', default=None,
-                 help='checkpoint: a step number or "best" (default: the latest)')
+  workdir.add_run_arguments(p)
   p.add_argument('--dataset', default=None, metavar='NAME', help="default: the run's dataset")
   p.add_argument('--split', default='test', help='the split of --dataset (default test)')
   p.add_argument('--images', nargs='+', metavar='PATH',

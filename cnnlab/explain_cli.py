@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from cnnlab import workdir  # (no JAX: the parsers build without it)
+
 
 def _ints(text: str) -> int | tuple[int, ...]:
   try:
@@ -38,10 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
       'explain', help='what a trained run looks at: attributions, filters, feature maps, top '
       'activations (PNG grids and .npz)', description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--run', required=True, metavar='DIR',
-                 help='a run directory (--workdir of cnnlab train)')
-  p.add_argument('--step', default=None,
-                 help='checkpoint: a step number or "best" (default: the latest)')
+  workdir.add_run_arguments(p)
   p.add_argument('--method', action='append', choices=METHOD_NAMES, default=[],
                  help='an attribution method (repeatable)')
   p.add_argument('--layer', metavar='NAME',
@@ -135,11 +134,7 @@ def main(args: argparse.Namespace) -> int:
   if args.num < 1 or args.k < 1 or args.steps < 2:
     raise ValueError(f'--num and --k must be >= 1 and --steps >= 2, got {args.num}, {args.k}, '
                      f'{args.steps}')
-  try:
-    step = args.step if args.step in (None, 'best') else int(args.step)
-  except ValueError:
-    raise ValueError(f'--step must be a step number or "best", got {args.step!r}') from None
-  run = inference.load_run(args.run, step)
+  run = inference.load_run(args.run, args.step)
   dataset = args.dataset or run.config.data.name
   if args.images and args.indices:
     raise ValueError('--indices picks examples of the dataset; it does not go with --images')

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from cnnlab import workdir  # (no JAX: the parsers build without it)
+
 PANEL_SIZE = 8  # examples per panel PNG
 
 
@@ -79,9 +81,7 @@ def command(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
   p = subparsers.add_parser('predict', help='a run\'s predictions on a dataset split or your own '
                             'images: predictions.npz and PNG panels')
-  p.add_argument('--run', required=True, help='a run directory (--workdir of cnnlab train)')
-  p.add_argument('--step', default=None,
-                 help='checkpoint: a step number or "best" (default: the latest)')
+  workdir.add_run_arguments(p)
   p.add_argument('--dataset', help='a dataset name (the run\'s own settings when it is the '
                  'run\'s dataset)')
   p.add_argument('--split', default='test', help='the split of --dataset (default test)')

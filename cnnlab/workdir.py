@@ -19,6 +19,7 @@ attempt failed). Everything that reads or writes these names goes through this m
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -193,3 +194,23 @@ def headline(evaluation: dict | None, metric: str | None = None) -> tuple[str | 
 def headline_metric(workdir: str) -> str | None:
   """The run's headline metric as its model.json records it (None before tasks existed)."""
   return ((read_json(os.path.join(workdir, MODEL)) or {}).get('headline') or {}).get('metric')
+
+
+def checkpoint_step(text: str) -> int | str:
+  """A `--step` argument: a step number or 'best' (argparse type; None, the latest, is its
+  default)."""
+  if text == 'best':
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected a step number or "best", got {text!r}') from None
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+  """--run DIR and --step (default the latest checkpoint), as every command that loads a trained
+  run takes them (cnnlab.load_run(args.run, args.step))."""
+  parser.add_argument('--run', required=True, metavar='DIR',
+                      help='a run directory (--workdir of cnnlab train)')
+  parser.add_argument('--step', type=checkpoint_step, default=None,
+                      help='checkpoint: a step number or "best" (default: the latest)')

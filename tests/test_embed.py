@@ -222,7 +222,6 @@ def test_the_command_with_a_layer_tsne_and_images(run_dir, digits, tmp_path):
     (['--limit', '0'], '--limit must be >= 1, got 0'),
     (['--layer', 'stage9'], r"no layer 'stage9'.*Did you mean"),
     (['--dataset', 'synthetic'], 'synthetic has 3-channel images; the input takes 1'),
-    (['--step', 'last'], '--step must be a step number or "best"'),
     (['--images', 'x.npy', '--dataset', 'digits'], 'not both'),
 ])
 def test_bad_input_is_a_clear_error(run_dir, tmp_path, capsys, argv, message):
@@ -234,8 +233,13 @@ def test_bad_input_is_a_clear_error(run_dir, tmp_path, capsys, argv, message):
   assert not out.exists()
 
 
-def test_an_unknown_map_method_is_refused_by_the_parser(run_dir, tmp_path, capsys):
+@pytest.mark.parametrize('argv,message', [
+    (['--map', 'umap'], "invalid choice: 'umap'"),
+    (['--step', 'last'], 'argument --step: expected a step number or "best", got \'last\''),
+])
+def test_what_the_parser_refuses(run_dir, tmp_path, capsys, argv, message):
   with pytest.raises(SystemExit) as exit_info:
-    cli.main(['embed', '--run', run_dir, '--map', 'umap', '--out', str(tmp_path / 'x.npz')])
+    cli.main(['embed', '--run', run_dir, *argv, '--out', str(tmp_path / 'x.npz')])
   assert exit_info.value.code == 2
-  assert "invalid choice: 'umap'" in capsys.readouterr().err
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / 'x.npz').exists()
