@@ -31,6 +31,8 @@ scratch included, sees the same inputs and trains for the same 200 steps of 50 w
 learning rates are below.
 """
 
+import quickstart  # experiments/quickstart.py: the source run's config
+
 from cnnlab import sweeps
 from cnnlab.configs import base
 
@@ -39,7 +41,7 @@ QUICKSTART = 'runs/quickstart'
 MNIST5K_MEAN = (0.1311,)
 MNIST5K_STD = (0.3083,)
 # The quickstart's conv_stack is stage1_conv1, stage2_conv1, stage3_conv1, then `head`.
-BACKBONE = 'stage*'
+BACKBONE = ('stage*',)
 LEARNING_RATE = 1e-3  # Adam, for training from scratch and fine-tuning everything
 # A fresh linear head on frozen (or nearly frozen) features learns slowly at 1e-3: measured on all
 # of digits, the probe's training loss was still falling after the 200 steps (1.08) and it tested
@@ -50,18 +52,8 @@ HEAD_LEARNING_RATE = 1e-2
 
 def get_config():
   config = base.get_config()
-  # The quickstart's network (experiments/quickstart.py), so every tensor has its source's shape.
-  config.model.name = 'conv_stack'
-  config.model.filters = (32, 64, 128)
-  config.model.kernel_size = (5, 3, 3)
-  config.model.stride = (2, 1, 1)
-  config.model.padding = 'SAME'
-  config.model.pool = ('none', 'max', 'max')
-  config.model.convs_per_stage = 1
-  config.model.norm = 'batch'
-  config.model.dropout = 0.0
-  config.model.hidden = ()
-  config.model.head = 'global_avg'
+  # The quickstart's network, so every tensor has its source's shape.
+  config.model = quickstart.get_config().model
   config.data.name = 'digits'
   config.data.image_size = 28  # 8x8 -> 28x28, the quickstart's input size
   config.data.normalize = 'fixed'
@@ -82,16 +74,7 @@ def get_config():
 
 
 def get_sweep():
-  lr = {'optim.learning_rate': LEARNING_RATE}
-  head_lr = {'optim.learning_rate': HEAD_LEARNING_RATE}
-  transfer = {'transfer.init_from': QUICKSTART, 'transfer.init_exclude': ('head',)}
-  methods = [
-      {'transfer.init_from': None, 'transfer.init_exclude': (), 'optim.freeze': (),
-       'optim.lr_multipliers': (), **lr},  # scratch
-      {**transfer, 'optim.freeze': (BACKBONE,), 'optim.lr_multipliers': (), **head_lr},  # probe
-      {**transfer, 'optim.freeze': (), 'optim.lr_multipliers': (), **lr},  # fine-tuned
-      {**transfer, 'optim.freeze': (), 'optim.lr_multipliers': ((BACKBONE, 0.1),),
-       **head_lr},  # the head as the probe's, the backbone at 0.1x that: as fine-tuned
-  ]
+  ways = sweeps.transfer_ways(QUICKSTART, BACKBONE, learning_rate=LEARNING_RATE,
+                              head_learning_rate=HEAD_LEARNING_RATE)
   return sweeps.with_seeds(sweeps.product(
-      sweeps.grid({'data.examples_per_class': [5, 20, 0]}), methods), 3)
+      sweeps.grid({'data.examples_per_class': [5, 20, 0]}), ways), 3)

@@ -75,16 +75,7 @@ def get_config():
 
 
 def get_sweep():
-  lr = {'optim.learning_rate': LEARNING_RATE}
-  head_lr = {'optim.learning_rate': HEAD_LEARNING_RATE}
-  transfer = {'transfer.init_from': PRETRAINED, 'transfer.init_exclude': ('head',)}
-  methods = [
-      {'transfer.init_from': None, 'transfer.init_exclude': (), 'optim.freeze': (),
-       'optim.lr_multipliers': (), **lr},  # scratch
-      {**transfer, 'optim.freeze': BACKBONE, 'optim.lr_multipliers': (), **head_lr},  # probe
-      {**transfer, 'optim.freeze': (), 'optim.lr_multipliers': (), **lr},  # fine-tuned
-      {**transfer, 'optim.freeze': (), 'optim.lr_multipliers': tuple((p, 0.1) for p in BACKBONE),
-       **head_lr},  # the head as the probe's, the backbone at 0.1x that: as fine-tuned
-  ]
+  ways = sweeps.transfer_ways(PRETRAINED, BACKBONE, learning_rate=LEARNING_RATE,
+                              head_learning_rate=HEAD_LEARNING_RATE)
   return sweeps.with_seeds(sweeps.product(
-      sweeps.grid({'data.examples_per_class': [5, 20, 0]}), methods), 3)
+      sweeps.grid({'data.examples_per_class': [5, 20, 0]}), ways), 3)

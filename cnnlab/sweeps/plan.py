@@ -79,6 +79,34 @@ def with_seeds(sweep: Sequence[Mapping[str, Any]], seeds: int | Iterable[int],
   return [{**point, key: seed} for point in sweep for seed in seeds]
 
 
+def transfer_ways(source: str, backbone: Sequence[str], *, learning_rate: float,
+                  head_learning_rate: float, slow: float = 0.1,
+                  exclude: Sequence[str] = ('head',)) -> list[dict[str, Any]]:
+  """The four ways to use a trained run's network on a new task, as sweep points:
+
+    scratch   no transfer, everything trained at `learning_rate`
+    probe     `source`'s weights, the `backbone` patterns frozen (weights and batch-norm
+              statistics) under a fresh head (`exclude`) trained at `head_learning_rate`
+    finetune  `source`'s weights, everything trained at `learning_rate`
+    slow      `source`'s weights, the head at `head_learning_rate` and the backbone at `slow`
+              times that (optim.lr_multipliers)
+
+  `source` is a run directory (relative to where the sweep runs); `backbone` the path patterns of
+  everything but the head (optim.freeze's syntax)."""
+  backbone = tuple(backbone)
+  transfer = {'transfer.init_from': source, 'transfer.init_exclude': tuple(exclude)}
+  lr, head_lr = ({'optim.learning_rate': learning_rate},
+                 {'optim.learning_rate': head_learning_rate})
+  return [
+      {'transfer.init_from': None, 'transfer.init_exclude': (), 'optim.freeze': (),
+       'optim.lr_multipliers': (), **lr},
+      {**transfer, 'optim.freeze': backbone, 'optim.lr_multipliers': (), **head_lr},
+      {**transfer, 'optim.freeze': (), 'optim.lr_multipliers': (), **lr},
+      {**transfer, 'optim.freeze': (),
+       'optim.lr_multipliers': tuple((pattern, slow) for pattern in backbone), **head_lr},
+  ]
+
+
 def _check_values(key: str, values) -> Sequence[Any]:
   if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
     raise config_lib.ConfigError(f'sweep axis {key!r} needs a non-empty list of values, '
