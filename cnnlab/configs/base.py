@@ -119,8 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.log.progress = 'auto'  # 'auto' (a bar on a terminal, plain lines otherwise) | 'bar' | 'plain' | 'none'
   # At each evaluation, draw into TensorBoard (needs log.tensorboard) the first convolution's
   # filters and, for a model of class logits, Grad-CAM on the first 8 evaluation images (the same
-  # ones every time); a model without class logits gets its filters only. Costs on the quickstart:
-  # ~0.1 s per evaluation, plus Grad-CAM's compilation at the first (cnnlab.train.images).
+  # ones every time); a model without class logits gets its filters only. Costs one forward and
+  # backward pass of 8 images per evaluation, plus Grad-CAM's compilation at the first
+  # (cnnlab.train.images).
   c.log.images = False
 
   # Persistent XLA compilation cache: a second run of an experiment skips most of its compile time.
