@@ -1,10 +1,15 @@
 """On-device augmentation and normalisation: pure, jittable functions of (key, batch).
 
 A batch is a dict with 'image' (B, H, W, C) uint8 and optionally 'mask' (B, H, W) uint8 and 'bbox'
-(B, 4) float32 (ymin, xmin, ymax, xmax in [0, 1]). Geometric transforms move masks and boxes with
-their images: masks are resampled with nearest neighbour, boxes are mapped corner by corner and
-clipped to the image (a box pushed entirely outside becomes empty, ymin == ymax or xmin == xmax).
-Images stay uint8 through every transform, so `normalize` is the single place they become float.
+(B, 4) float32 (ymin, xmin, ymax, xmax in [0, 1]), or, for several objects per image (N of them,
+padded), 'labels' (B, N) int32, 'boxes' (B, N, 4) float32, 'num_objects' (B,) int32 and the
+instance ids 'instances' (B, H, W) uint8 (0 background, i + 1 object i). Geometric transforms move
+masks and boxes with their images: masks (`MASK_KEYS`) are resampled with nearest neighbour, boxes
+(`BOX_KEYS`, any (B, ..., 4)) are mapped corner by corner and clipped to the image (a box pushed
+entirely outside becomes empty, ymin == ymax or xmin == xmax). The primitives move every box, the
+padding too; `drop_empty_objects`, which `apply` runs once after the geometric transforms, drops
+the objects left without area and restores the padding. Images stay uint8 through every
+transform, so `normalize` is the single place they become float.
 
 Each `random_*` function draws per-example parameters from its key and calls a deterministic
 primitive (`shift`, `flip`, `warp` and its `rotate`, `cutout`) that tests can drive directly.
@@ -23,8 +28,14 @@ from jax import lax
 from cnnlab.data import mixing
 from cnnlab.data.device import like_batch
 from cnnlab.data.errors import DataError
+from cnnlab.data.shapes import PAD_LABEL
 
 Batch = dict[str, jax.Array]
+MASK_KEYS = ('mask', 'instances')  # (B, H, W) uint8 maps of labels or instance ids
+BOX_KEYS = ('bbox', 'boxes')  # (B, 4) or (B, N, 4) (ymin, xmin, ymax, xmax) in [0, 1]
+# A box less than this many pixels high or wide after a transform has left the frame (it also
+# absorbs float rounding at the border): `drop_empty_objects` drops its object.
+MIN_BOX_PIXELS = 0.5
 CROP_MODES = ('zero', 'reflect')
 FLIPS = ('none', 'random', 'alternate')
 # The fixed key behind the alternating flip's per-example coin: it must not change between epochs.
@@ -35,11 +46,26 @@ def _to_uint8(x: jax.Array) -> jax.Array:
   return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
 
 
+def _per_box(x: jax.Array, boxes: jax.Array) -> jax.Array:
+  """Per-example values x (B,) shaped to broadcast against boxes (B, ..., 4) without the last axis
+  (one value per box)."""
+  return x.reshape(x.shape[:1] + (1,) * (boxes.ndim - 2))
+
+
+def _map_boxes(batch: Batch, out: Batch, fn) -> None:
+  """out[key] = fn(batch[key]) for the box keys present; fn maps (B, ..., 4) float32 boxes to the
+  same shape, and the result keeps the input's dtype."""
+  for key in BOX_KEYS:
+    if key in batch:
+      out[key] = fn(batch[key].astype(jnp.float32)).astype(batch[key].dtype)
+
+
 def shift(batch: Batch, dy: jax.Array, dx: jax.Array, *, pad: int, mode: str = 'zero') -> Batch:
   """Moves each image down by dy[i] and right by dx[i] pixels, (B,) ints with |d| <= pad.
 
-  Uncovered pixels are zero ('zero') or mirrored from the border ('reflect', masks likewise).
-  This is a random crop of the padded image, so crop-with-padding and translation share it.
+  Uncovered pixels are zero ('zero') or mirrored from the border ('reflect', masks and instance
+  ids likewise, while boxes only move: a mirrored part of an object is not in its box). This is a
+  random crop of the padded image, so crop-with-padding and translation share it.
   """
   if mode not in CROP_MODES:
     raise DataError(f'crop mode must be one of {CROP_MODES}, got {mode!r}')
@@ -53,14 +79,17 @@ def shift(batch: Batch, dy: jax.Array, dx: jax.Array, *, pad: int, mode: str = '
 
   out = dict(batch)
   dy, dx = jnp.asarray(dy, jnp.int32), jnp.asarray(dx, jnp.int32)
-  for key in ('image', 'mask'):
+  for key in ('image', *MASK_KEYS):
     if key in batch:
       out[key] = jax.vmap(one)(batch[key], dy, dx)
-  if 'bbox' in batch:
-    height, width = batch['image'].shape[1:3]
-    fy, fx = dy.astype(jnp.float32) / height, dx.astype(jnp.float32) / width
-    offset = jnp.stack([fy, fx, fy, fx], -1)
-    out['bbox'] = jnp.clip(batch['bbox'] + offset, 0.0, 1.0).astype(batch['bbox'].dtype)
+  height, width = batch['image'].shape[1:3]
+  fy, fx = dy.astype(jnp.float32) / height, dx.astype(jnp.float32) / width
+
+  def move(box):
+    offset = jnp.stack([_per_box(fy, box), _per_box(fx, box)] * 2, -1)
+    return jnp.clip(box + offset, 0.0, 1.0)
+
+  _map_boxes(batch, out, move)
   return out
 
 
@@ -75,15 +104,18 @@ def random_shift(key: jax.Array, batch: Batch, max_shift: int, mode: str = 'zero
 def flip(batch: Batch, do_flip: jax.Array) -> Batch:
   """Mirrors left-right the examples where do_flip (B,) bool is True."""
   out = dict(batch)
-  for key in ('image', 'mask'):
+  for key in ('image', *MASK_KEYS):
     if key in batch:
       x = batch[key]
       where = do_flip.reshape((-1,) + (1,) * (x.ndim - 1))
       out[key] = jnp.where(where, x[:, :, ::-1], x)
-  if 'bbox' in batch:
-    ymin, xmin, ymax, xmax = jnp.moveaxis(batch['bbox'], -1, 0)
+
+  def mirror(box):
+    ymin, xmin, ymax, xmax = jnp.moveaxis(box, -1, 0)
     mirrored = jnp.stack([ymin, 1.0 - xmax, ymax, 1.0 - xmin], -1)
-    out['bbox'] = jnp.where(do_flip[:, None], mirrored, batch['bbox'])
+    return jnp.where(_per_box(do_flip, box)[..., None], mirrored, box)
+
+  _map_boxes(batch, out, mirror)
   return out
 
 
@@ -142,24 +174,28 @@ def warp(batch: Batch, matrices: jax.Array, displacement: jax.Array | None = Non
 
   d_axis = None if displacement is None else 0
   out = dict(batch)
-  for key, order in (('image', 1), ('mask', 0)):
+  for key, order in (('image', 1), *((k, 0) for k in MASK_KEYS)):
     if key in batch:
       out[key] = jax.vmap(lambda x, m, d: sample(x, m, d, order), in_axes=(0, 0, d_axis))(
           batch[key], matrices, displacement)
-  if 'bbox' in batch:
-    ymin, xmin, ymax, xmax = jnp.moveaxis(batch['bbox'], -1, 0)
+
+  def forward(box):  # (B, ..., 4) -> the box around the 4 mapped corners of each box
+    ymin, xmin, ymax, xmax = jnp.moveaxis(box, -1, 0)
     corners = jnp.stack([jnp.stack([xmin, xmax, xmin, xmax], -1) * width - width / 2,
                          jnp.stack([ymin, ymin, ymax, ymax], -1) * height - height / 2], -1)
     # Forward map, the inverse of `sample`'s: p = A^-1 (source - t), with the 2x2 inverse written
-    # out (elementwise, so it keeps the batch's sharding). (B, 4) pixels.
-    a, b, tx = (matrices[:, 0, k, None] for k in range(3))
-    c, d, ty = (matrices[:, 1, k, None] for k in range(3))
+    # out (elementwise, so it keeps the batch's sharding). (B, ..., 4) pixels.
+    entry = lambda i, k: matrices[:, i, k].reshape((-1,) + (1,) * (box.ndim - 1))
+    a, b, tx = (entry(0, k) for k in range(3))
+    c, d, ty = (entry(1, k) for k in range(3))
     det = a * d - b * c
     sx, sy = corners[..., 0] - tx, corners[..., 1] - ty
     new_x = ((d * sx - b * sy) / det + width / 2) / width
     new_y = ((a * sy - c * sx) / det + height / 2) / height
-    box = jnp.stack([new_y.min(-1), new_x.min(-1), new_y.max(-1), new_x.max(-1)], -1)
-    out['bbox'] = jnp.clip(box, 0.0, 1.0).astype(batch['bbox'].dtype)
+    moved = jnp.stack([new_y.min(-1), new_x.min(-1), new_y.max(-1), new_x.max(-1)], -1)
+    return jnp.clip(moved, 0.0, 1.0)
+
+  _map_boxes(batch, out, forward)
   return out
 
 
@@ -227,6 +263,51 @@ def random_affine(key: jax.Array, batch: Batch, *, rotate: float = 0.0, scale: f
   return warp(batch, matrices, field)
 
 
+def drop_empty_objects(batch: Batch) -> Batch:
+  """Drops the objects whose boxes a geometric transform left without area, and compacts the rest.
+
+  A counted object (index < num_objects) is dropped when its box is less than MIN_BOX_PIXELS high
+  or wide (the transforms clip boxes to the image, so a box pushed out of the frame is left flat).
+  The kept objects move to the front in their order; the slots after them get label PAD_LABEL and
+  box zeros, and num_objects counts the kept ones. 'instances' ids are renumbered to match (a
+  dropped object's pixels become background 0, in 'mask' too). Jittable, shapes unchanged; a
+  batch without 'boxes' is returned as is. Boxes partly out of the frame were already clipped.
+  After a rotation a box (around the mapped corners) contains its object, so an object near a
+  corner can keep a box inside the frame with none of its pixels left there.
+  """
+  if 'boxes' not in batch:
+    return batch
+  for key in ('labels', 'num_objects'):
+    if key not in batch:
+      raise DataError(f"a batch with 'boxes' needs {key!r} too; this one has {sorted(batch)}")
+  boxes, labels, count = batch['boxes'], batch['labels'], batch['num_objects']
+  height, width = batch['image'].shape[1:3]
+  n = boxes.shape[1]
+  ymin, xmin, ymax, xmax = jnp.moveaxis(boxes.astype(jnp.float32), -1, 0)  # (B, N) each
+  keep = ((jnp.arange(n, dtype=jnp.int32)[None, :] < count[:, None].astype(jnp.int32))
+          & ((ymax - ymin) * height >= MIN_BOX_PIXELS)
+          & ((xmax - xmin) * width >= MIN_BOX_PIXELS))
+  order = jnp.argsort((~keep).astype(jnp.int32), axis=1, stable=True)  # kept first, in order
+  kept = jnp.take_along_axis(keep, order, 1)
+  out = dict(batch)
+  out['labels'] = jnp.where(kept, jnp.take_along_axis(labels, order, 1),
+                            jnp.asarray(PAD_LABEL, labels.dtype))
+  out['boxes'] = jnp.where(kept[..., None], jnp.take_along_axis(boxes, order[..., None], 1),
+                           jnp.zeros((), boxes.dtype))
+  out['num_objects'] = keep.sum(1, dtype=jnp.int32).astype(count.dtype)
+  if 'instances' in batch:
+    # Old id j + 1 -> new id (kept objects before it) + 1, or 0 where object j is dropped.
+    new_id = jnp.where(keep, jnp.cumsum(keep, 1, dtype=jnp.int32), 0)
+    table = jnp.concatenate([jnp.zeros_like(new_id[:, :1]), new_id], 1)  # (B, N + 1)
+    old = batch['instances'].astype(jnp.int32)
+    renumbered = jax.vmap(lambda t, ids: t[ids])(table, old)
+    out['instances'] = renumbered.astype(batch['instances'].dtype)
+    if 'mask' in batch:
+      out['mask'] = jnp.where((old > 0) & (renumbered == 0), jnp.zeros((), batch['mask'].dtype),
+                              batch['mask'])
+  return out
+
+
 def cutout(batch: Batch, cy: jax.Array, cx: jax.Array, size: int) -> Batch:
   """Zeroes a size x size square of each image centred at (cy[i], cx[i]) pixels, clipped.
 
@@ -277,29 +358,43 @@ def apply(aug_cfg: Mapping[str, Any], key: jax.Array, batch: Batch) -> Batch:
   """The augmentations `aug_cfg` (config.data.augment, or a dict with its keys) turns on.
 
   Pure and jittable; `aug_cfg` values are static. Order: crop, translate, affine (rotation, zoom,
-  shear and elastic distortion in one resampling), flip, cutout, mixup/cutmix. batch: 'image'
-  (B, H, W, C) uint8, optional 'mask', 'bbox', and 'index'/'epoch' for the alternating flip; the
-  result has the same keys, shapes and dtypes, plus 'label_mix' (B,) and 'mix_weight' (B,) float32
-  when mixup or cutmix is on (loss = w * CE(label) + (1 - w) * CE(label_mix)).
+  shear and elastic distortion in one resampling), flip, then `drop_empty_objects` when any of
+  those ran, cutout, mixup/cutmix. batch: 'image' (B, H, W, C) uint8, optional 'mask', 'bbox', the
+  multi-object keys ('labels', 'boxes', 'num_objects', 'instances'), and 'index'/'epoch' for the
+  alternating flip; the result has the same keys, shapes and dtypes, plus 'label_mix' (B,) and
+  'mix_weight' (B,) float32 when mixup or cutmix is on (loss = w * CE(label) + (1 - w) *
+  CE(label_mix); they need a single 'label' per example).
   """
   _check(aug_cfg)
+  mixing_on = aug_cfg['mixup_alpha'] or aug_cfg['cutmix_alpha']
+  if mixing_on and 'label' not in batch:
+    raise DataError("config.data.augment.mixup_alpha / cutmix_alpha mix one 'label' per example; "
+                    f'this batch has none (keys: {sorted(batch)}): set them to 0')
   keys = jax.random.split(key, 6)
+  moved = False  # whether a geometric transform ran
   if aug_cfg['crop_padding']:
     batch = random_shift(keys[0], batch, int(aug_cfg['crop_padding']), aug_cfg['crop_mode'])
+    moved = True
   if aug_cfg['translate']:
     batch = random_shift(keys[1], batch, int(aug_cfg['translate']), 'zero')
+    moved = True
   if aug_cfg['rotate'] or aug_cfg['scale'] or aug_cfg['shear'] or aug_cfg['elastic_alpha']:
     batch = random_affine(keys[2], batch, rotate=float(aug_cfg['rotate']),
                           scale=float(aug_cfg['scale']), shear=float(aug_cfg['shear']),
                           elastic_alpha=float(aug_cfg['elastic_alpha']),
                           elastic_sigma=float(aug_cfg['elastic_sigma']))
+    moved = True
   if aug_cfg['flip'] == 'random':
     batch = random_flip(keys[3], batch)
+    moved = True
   elif aug_cfg['flip'] == 'alternate':
     batch = alternating_flip(batch)
+    moved = True
+  if moved:
+    batch = drop_empty_objects(batch)
   if aug_cfg['cutout']:
     batch = random_cutout(keys[4], batch, int(aug_cfg['cutout']))
-  if aug_cfg['mixup_alpha'] or aug_cfg['cutmix_alpha']:
+  if mixing_on:
     batch = mixing.mix(keys[5], batch, mixup_alpha=float(aug_cfg['mixup_alpha']),
                        cutmix_alpha=float(aug_cfg['cutmix_alpha']))
   return batch

@@ -28,7 +28,9 @@ class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the embedded builders: uint8 NHWC `image`, `label`, optional `mask`/`bbox`, stats.
 
   Subclasses set `VERSION`, `NUM_CLASSES`, `HAS_MASK` and implement `image_shape`, `params` and
-  `_examples(split)`.
+  `_examples(split)`. A builder whose `max_objects` is N >= 1 holds several objects per image:
+  `labels` (N,) int32, `boxes` (N, 4) float32, `num_objects` () int32 and, with HAS_MASK, `mask`
+  and `instances` (H, W) uint8, instead of `label` and `bbox` (`cnnlab.data.shapes`).
   """
 
   NUM_CLASSES: int = 0
@@ -41,6 +43,11 @@ class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   @property
   def image_shape(self) -> tuple[int, int, int]:
     raise NotImplementedError
+
+  @property
+  def max_objects(self) -> int:
+    """N, the padded object count of a multi-object dataset; 0: one `label` per image."""
+    return 0
 
   def params(self) -> dict[str, Any]:
     """The settings the stored data is a function of (checked against the cache on load)."""
@@ -55,11 +62,19 @@ class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     height, width, _ = self.image_shape
-    features = {
-        'image': tfds.features.Tensor(shape=self.image_shape, dtype=np.uint8),
-        'label': tfds.features.ClassLabel(num_classes=self.NUM_CLASSES),
-    }
-    if self.HAS_MASK:
+    features = {'image': tfds.features.Tensor(shape=self.image_shape, dtype=np.uint8)}
+    objects = self.max_objects
+    if objects:
+      # Labels 0..K-1 of the objects, then -1; boxes as `bbox` below, then zeros.
+      features['labels'] = tfds.features.Tensor(shape=(objects,), dtype=np.int32)
+      features['boxes'] = tfds.features.Tensor(shape=(objects, 4), dtype=np.float32)
+      features['num_objects'] = tfds.features.Tensor(shape=(), dtype=np.int32)
+      if self.HAS_MASK:  # 0 = background, k + 1 = class k; 0 = background, i + 1 = object i
+        features['mask'] = tfds.features.Tensor(shape=(height, width), dtype=np.uint8)
+        features['instances'] = tfds.features.Tensor(shape=(height, width), dtype=np.uint8)
+    else:
+      features['label'] = tfds.features.ClassLabel(num_classes=self.NUM_CLASSES)
+    if self.HAS_MASK and not objects:
       # 0 = background, k + 1 = a shape of class k.
       features['mask'] = tfds.features.Tensor(shape=(height, width), dtype=np.uint8)
       # (ymin, xmin, ymax, xmax) normalised to [0, 1], TFDS's BBoxFeature convention.
@@ -68,7 +83,7 @@ class EmbeddedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         builder=self,
         description=(self.__doc__ or '').strip(),
         features=tfds.features.FeaturesDict(features),
-        supervised_keys=('image', 'label'),
+        supervised_keys=None if objects else ('image', 'label'),
         metadata=tfds.core.MetadataDict(),
     )
 

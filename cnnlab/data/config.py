@@ -74,6 +74,16 @@ def shapes_config() -> ml_collections.ConfigDict:
   # Where shape centres are drawn: 'random' (anywhere the shape fits), 'center', or 'split'
   # (train shapes in the left half, test shapes in the right: a translation-invariance probe).
   c.position = 'random'
+  # Several shapes per image, for object detection: each example holds min_objects..max_objects
+  # shapes (uniformly many) with `labels` (N,), `boxes` (N, 4), `num_objects` and `instances`
+  # instead of `label` and `bbox`, N = max_objects (`cnnlab.data.shapes`). 0 = one shape per image
+  # (the classification form; min_objects and max_overlap are then unused). Suggested: 6 at
+  # resolution 64 with scales 0.15 to 0.35.
+  c.max_objects = 0
+  c.min_objects = 1  # fewest shapes in an image (0 allowed: images of background alone)
+  # Largest intersection over union allowed between two objects' boxes (visible pixels); a shape
+  # is re-drawn until it fits (and until every object keeps >= 4 pixels and 25% of its own).
+  c.max_overlap = 0.3
   return c
 
 

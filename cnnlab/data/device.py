@@ -48,9 +48,10 @@ def device_batch(arrays: dict[str, jax.Array], step, *, seed: int, batch_size: i
                  sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.Array]:
   """Batch `step` of the training stream. Pure and jittable; `step` may be a traced int32.
 
-  arrays: 'image' (N, H, W, C) uint8, 'label' (N,) int32, optional 'mask' (N, H, W), 'bbox' (N, 4).
-  Returns the same keys with B = batch_size rows (image stays uint8), plus 'index' (B,) int32, the
-  examples' positions in the split, and 'epoch' (B,) int32 (used by the alternating flip).
+  arrays: 'image' (N, H, W, C) uint8, 'label' (N,) int32, optional 'mask' (N, H, W), 'bbox' (N, 4),
+  or any other per-example arrays (the multi-object keys). Returns the same keys with B =
+  batch_size rows (image stays uint8), plus 'index' (B,) int32, the examples' positions in the
+  split, and 'epoch' (B,) int32 (used by the alternating flip).
   sharding: if given, every output is constrained to it (the mesh's batch sharding).
   """
   indices, epoch = batch_indices(step, seed=seed, batch_size=batch_size,
@@ -164,9 +165,12 @@ class DevicePipeline:
       source = registry.load(name, split, data_dir=data_dir, **builder_kwargs)
       host = sources.read_split(info, split, source, image_size=image_size)
       if examples_per_class:
+        if 'label' not in host:
+          raise DataError(f'examples_per_class={examples_per_class} needs one label per example; '
+                          f'{name} holds up to {info.max_objects} objects per image')
         host = first_per_class(host, examples_per_class)
       arrays = {key: place(value, sharding_replicated) for key, value in host.items()}
-    num_examples = int(arrays['label'].shape[0])
+    num_examples = int(arrays['image'].shape[0])
     return cls(name=name, split=split, info=info, arrays=arrays, batch_size=batch_size,
                seed=seed, shuffle=shuffle, num_examples=num_examples,
                steps_per_epoch=num_examples // batch_size, sharding_batch=sharding_batch)

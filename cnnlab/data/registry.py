@@ -31,7 +31,9 @@ class DatasetInfo:
 
   image_shape is (H, W, C) as the pipelines deliver it (after `image_size` resizing). mean and std
   are per channel on the 0..1 scale, from the train split. Segmentation masks, where present, hold
-  `num_mask_classes = num_classes + 1` values (0 = background, k + 1 = class k).
+  `num_mask_classes = num_classes + 1` values (0 = background, k + 1 = class k). max_objects = N
+  >= 1: several objects per image, with `labels`, `boxes`, `num_objects` (and `instances` with the
+  mask) instead of `label` (`example_keys`).
   """
 
   name: str
@@ -45,6 +47,15 @@ class DatasetInfo:
   num_mask_classes: int = 0
   eval_split: str = 'test'
   class_names: tuple[str, ...] | None = None  # label k's name, where the dataset has names  # the held-out split's name ('validation' for ImageNet-style sets)
+  max_objects: int = 0  # N, the padded object count of a detection dataset; 0 = one label
+
+  def example_keys(self) -> tuple[str, ...]:
+    """The keys of every example (and batch, before the pipelines' 'index', 'epoch', 'valid')."""
+    if self.max_objects:
+      return ('image', 'labels', 'boxes', 'num_objects',
+              *(('mask', 'instances') if self.has_mask else ()))
+    return ('image', 'label', *(('mask',) if self.has_mask else ()),
+            *(('bbox',) if self.has_bbox else ()))
 
   def split_size(self, split: str) -> int:
     if split not in self.splits:
@@ -55,6 +66,8 @@ class DatasetInfo:
     """Bytes of the split as the device pipeline stores it (uint8 images and masks, labels)."""
     h, w, c = self.image_shape
     per_example = h * w * c + (h * w if self.has_mask else 0) + 16 * self.has_bbox + 4
+    if self.max_objects:  # labels and boxes of N objects, and the instance ids
+      per_example += 20 * self.max_objects + (h * w if self.has_mask else 0)
     return self.split_size(split) * per_example
 
 
@@ -192,9 +205,9 @@ def info(name: str, *, data_dir: str | None = None, image_size: int | None = Non
         image_shape=_sized(name, builder.image_shape, image_size),
         splits={s: int(v.num_examples) for s, v in builder.info.splits.items()},
         mean=tuple(metadata['mean']), std=tuple(metadata['std']),
-        has_mask=builder.HAS_MASK, has_bbox=builder.HAS_MASK,
+        has_mask=builder.HAS_MASK, has_bbox=builder.HAS_MASK and not builder.max_objects,
         num_mask_classes=builder.NUM_CLASSES + 1 if builder.HAS_MASK else 0,
-        class_names=builder.class_names())
+        class_names=builder.class_names(), max_objects=builder.max_objects)
   data_dir = resolve_data_dir(data_dir)
   feats = public.features(name, data_dir, **builder_kwargs)
   splits = feats['splits']

@@ -30,9 +30,8 @@ def get(name: str) -> type[Task]:
 
 
 def dataset_keys(info) -> tuple[str, ...]:
-  """The keys every example of a dataset has (cnnlab.data.DatasetInfo)."""
-  return ('image', 'label', *(('mask',) if info.has_mask else ()),
-          *(('bbox',) if info.has_bbox else ()))
+  """The keys every example of a dataset has (cnnlab.data.DatasetInfo.example_keys)."""
+  return info.example_keys()
 
 
 def check_config(config, info) -> list[str]:
