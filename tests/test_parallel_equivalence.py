@@ -3,7 +3,7 @@ devices, under jit over a mesh and under pmap, against the same step on one devi
 
 The configurations are the ones where a wrong gradient shows: 28x28 inputs with batch norm and max
 pooling (the quickstart's own model), average pooling, a ResNet. Every shipped experiment is run
-end to end on 4 devices against one in tests/test_experiments.py. The
+end to end on 4 devices in tests/test_experiments.py, a representative few against one. The
 step is the real one (augmentation, batch norm over the global batch, the optimizer), from
 `bench/parallel_equivalence.py`, which also measures the distance of each result to float64.
 
@@ -70,7 +70,7 @@ def test_quickstart_model_on_28x28(pool, layouts, data_dir):
 def test_resnet_with_batch_norm(data_dir):
   extra = ['train.batch_size=16', 'data.shapes.num_train=64', 'data.shapes.num_test=32']
   one = step('resnet20_shapes', data_dir, extra=extra)
-  # (pmap on 4 devices: tests/test_experiments.py runs resnet20_shapes so.)
+  # (pmap on 4 devices: tests/test_experiments.py compares cifar10_resnet18 so.)
   assert_same_step(one, step('resnet20_shapes', data_dir, 'jit', 2, extra))
 
 
