@@ -244,7 +244,11 @@ class Parallel:
     return call
 
   def compile_eval(self, eval_step: Callable, state) -> Callable:
-    """`run(state, batch) -> sums` over a global evaluation batch."""
+    """`run(state, batch) -> eval_step's output` (sums and records, cnnlab.train.step) over a
+    global evaluation batch, every leaf whole on every device: under jit the output is
+    replicated (XLA gathers the records' rows from the devices, and hosts, that computed them);
+    under pmap the step psums and all-gathers over the devices itself, and one device's copy is
+    returned. So the host reads the same global arrays under either strategy (`fetch_rows`)."""
     if self.strategy == 'pmap':
       n = self.num_devices
       def run(state, batch):
@@ -266,4 +270,27 @@ def fetch(tree) -> Any:
                       jax.device_get(tree))
 
 
-__all__ = ['AXIS', 'Parallel', 'initialize_distributed', 'fetch']
+def to_numpy(tree) -> Any:
+  """A tree of global arrays as numpy arrays, whole, on every process: a leaf split over several
+  processes is gathered (then every process must call this: it is a collective); replicated or
+  single-process leaves are copied from a local device."""
+  spans = any(isinstance(x, jax.Array) and not x.is_fully_addressable
+              and not x.is_fully_replicated for x in jax.tree.leaves(tree))
+  if spans:
+    from jax.experimental import multihost_utils
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def fetch_rows(records) -> Any:
+  """An evaluation step's records, (tree of (B, ...) arrays, valid (B,) bool) of a global batch,
+  -> the tree's rows where valid, as numpy arrays (`to_numpy`: a collective when a leaf spans
+  processes). None stays None."""
+  if records is None:
+    return None
+  tree, valid = to_numpy(records)
+  keep = np.asarray(valid, bool).reshape(-1)
+  return jax.tree.map(lambda x: x[keep], tree)
+
+
+__all__ = ['AXIS', 'Parallel', 'initialize_distributed', 'fetch', 'to_numpy', 'fetch_rows']

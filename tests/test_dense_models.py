@@ -101,6 +101,7 @@ def test_compute_dtype_is_honoured(name, sown):
 def test_registered_tasks_and_natural_settings():
   expected = {'unet': ('segmentation', (64, 64, 3), 5), 'fcn': ('segmentation', (64, 64, 3), 5),
               'localizer': ('localization', (64, 64, 3), 4),
+              'faster_rcnn': ('detection', (64, 64, 3), 4),
               'conv_autoencoder': ('reconstruction', (28, 28, 1), 0),
               'conv_encoder': ('classification', (28, 28, 1), 10),
               'resnet18': ('classification', (224, 224, 3), 1000)}
@@ -112,7 +113,7 @@ def test_registered_tasks_and_natural_settings():
 
 def test_register_rejects_an_unknown_task():
   with pytest.raises(ValueError, match="task must be one of .*'detection'"):
-    models.register('never_registered', task='detection')
+    models.register('never_registered', task='keypoints')
 
 
 def config_for(name, **model):

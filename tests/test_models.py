@@ -14,7 +14,7 @@ import pytest
 
 from cnnlab import analysis, models
 
-RNGS = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
+RNGS = {'params': jax.random.key(0), 'dropout': jax.random.key(1), 'sample': jax.random.key(2)}
 
 
 def class_kwargs(name, num_classes):
@@ -22,13 +22,48 @@ def class_kwargs(name, num_classes):
   return {} if models.get_spec(name).task == 'reconstruction' else {'num_classes': num_classes}
 
 
-def expected_shapes(name, batch, input_shape, num_classes):
-  """The output shape(s) a model's task reads (see cnnlab.models.registry)."""
+def expected_shapes(name, batch, input_shape, num_classes, train=False):
+  """The output shape(s) a model's task reads (see cnnlab.models.registry); a detector's differ
+  between training and detection (cnnlab.models.faster_rcnn)."""
   h, w, c = input_shape
+  task = models.get_spec(name).task
+  if task == 'detection':
+    return detection_shapes(models.create_model(name), batch, input_shape, num_classes, train)
   return {'classification': (batch, num_classes),
           'segmentation': (batch, h, w, num_classes),
           'localization': {'logits': (batch, num_classes), 'box': (batch, 4)},
-          'reconstruction': (batch, h, w, c)}[models.get_spec(name).task]
+          'reconstruction': (batch, h, w, c)}[task]
+
+
+def detection_shapes(model, batch, input_shape, num_classes, train):
+  """faster_rcnn's outputs with its default settings (a map of stride 8)."""
+  if not train:
+    d = model.detections_per_image
+    return {'boxes': (batch, d, 4), 'scores': (batch, d), 'labels': (batch, d),
+            'num_detections': (batch,)}
+  a = (input_shape[0] // 8) * (input_shape[1] // 8) * model.num_anchors
+  r = model.box_batch_size_per_image
+  return {'rpn_logits': (batch, a), 'rpn_deltas': (batch, a, 4), 'rpn_labels': (batch, a),
+          'rpn_targets': (batch, a, 4), 'roi_logits': (batch, r, num_classes + 1),
+          'roi_deltas': (batch, r, 4), 'roi_labels': (batch, r), 'roi_targets': (batch, r, 4)}
+
+
+def train_kwargs(name, batch):
+  """What a model needs in training beyond the images: a detector, its targets (none here: N = 2
+  padded objects)."""
+  if models.get_spec(name).task != 'detection':
+    return {}
+  return {'targets': {'boxes': jnp.zeros((batch, 2, 4)),
+                      'labels': jnp.full((batch, 2), -1, jnp.int32),
+                      'num_objects': jnp.zeros((batch,), jnp.int32)}}
+
+
+def check_dtypes(name, out):
+  """Outputs are float32; a detector's labels and counts int32."""
+  ints = models.get_spec(name).task == 'detection'
+  for leaf in jax.tree.leaves(out):
+    integer = ints and jnp.issubdtype(leaf.dtype, jnp.integer)
+    assert leaf.dtype == (jnp.int32 if integer else jnp.float32)
 
 
 def shapes(out):
@@ -49,11 +84,13 @@ def test_output_shapes_at_natural_size(name):
   x = jax.ShapeDtypeStruct((3, *spec.input_shape), jnp.float32)
   variables = jax.eval_shape(functools.partial(model.init, RNGS, train=False), x)
   for train in (False, True):
+    kwargs = train_kwargs(name, 3) if train else {}
     out = jax.eval_shape(lambda v, x: model.apply(v, x, train=train, rngs=RNGS,
-                                                  mutable=['batch_stats', 'intermediates']),
+                                                  mutable=['batch_stats', 'intermediates'],
+                                                  **kwargs),
                          variables, x)[0]
-    assert shapes(out) == expected_shapes(name, 3, spec.input_shape, 7)
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(out))
+    assert shapes(out) == expected_shapes(name, 3, spec.input_shape, 7, train)
+    check_dtypes(name, out)
 
 
 def variant_key(name):
@@ -79,13 +116,19 @@ TRAINED_BY_AN_EXPERIMENT = {'conv_stack', 'googlenet', 'resnet18', 'resnet20', '
                             'simple_cnn'}
 # Their gradients reach every layer: tests/test_dense_models.py (test_gradients_are_finite_...).
 GRADIENTS_IN_TEST_DENSE_MODELS = {'conv_autoencoder', 'fcn', 'localizer', 'unet'}
-GRADIENTS_ELSEWHERE = TRAINED_BY_AN_EXPERIMENT | GRADIENTS_IN_TEST_DENSE_MODELS
+# Its gradient reaches the backbone, RPN and box head: tests/test_faster_rcnn.py.
+GRADIENTS_IN_TEST_FASTER_RCNN = {'faster_rcnn'}
+GRADIENTS_ELSEWHERE = (TRAINED_BY_AN_EXPERIMENT | GRADIENTS_IN_TEST_DENSE_MODELS
+                       | GRADIENTS_IN_TEST_FASTER_RCNN)
 
 
 @pytest.mark.parametrize('name', representatives())
 def test_compiles_and_runs_in_train_and_eval_mode(name):
   spec = models.get_spec(name)
-  model = models.create_model(name, **class_kwargs(name, 5))
+  # A narrow classifier (AlexNet's and VGG's 4096-wide dense layers hold 100M+ parameters whose
+  # drawing and gradients would be most of the test, and test no other layer kind).
+  narrow = {'hidden': 64} if 'hidden' in spec.fields else {}
+  model = models.create_model(name, **class_kwargs(name, 5), **narrow)
   x = jax.random.normal(jax.random.key(2), (2, *small_shape(spec)))
 
   @jax.jit
@@ -94,9 +137,11 @@ def test_compiles_and_runs_in_train_and_eval_mode(name):
 
     def train(params):
       out, updates = model.apply({**variables, 'params': params}, x, train=True,
-                                 rngs={'dropout': jax.random.key(3)},
-                                 mutable=['batch_stats', 'intermediates'])
-      return sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(out)), (out, updates)
+                                 rngs={'dropout': jax.random.key(3), 'sample': jax.random.key(4)},
+                                 mutable=['batch_stats', 'intermediates'],
+                                 **train_kwargs(name, x.shape[0]))
+      return sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(out)
+                 if jnp.issubdtype(leaf.dtype, jnp.floating)), (out, updates)
     if name in GRADIENTS_ELSEWHERE:
       grads, (train_out, updates) = {}, train(variables['params'])[1]
     else:
@@ -108,13 +153,15 @@ def test_compiles_and_runs_in_train_and_eval_mode(name):
   # It runs once: compiled without LLVM's optimisations, as cnnlab compiles an initial state.
   compiled = run.lower(x).compile(compiler_options={'xla_backend_optimization_level': 0})
   train_out, eval_out, again, updates, grads = compiled(x)
-  assert shapes(train_out) == shapes(eval_out) == expected_shapes(name, 2, x.shape[1:], 5)
+  assert shapes(train_out) == expected_shapes(name, 2, x.shape[1:], 5, train=True)
+  assert shapes(eval_out) == expected_shapes(name, 2, x.shape[1:], 5)
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves((train_out, eval_out)))
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   assert name in GRADIENTS_ELSEWHERE or any(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
   jax.tree.map(np.testing.assert_array_equal, eval_out, again)  # eval mode is deterministic
   assert updates['intermediates'], 'models sow per-stage features into intermediates'
-  if 'batch_stats' in updates:  # batch statistics differ from running ones
+  if 'batch_stats' in updates and shapes(train_out) == shapes(eval_out):
+    # batch statistics differ from running ones
     flat = lambda out: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(out)])
     assert not np.allclose(flat(train_out), flat(eval_out))
 

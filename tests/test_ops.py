@@ -1,5 +1,6 @@
 """cnnlab.ops' detection operations against torchvision (the oracle): box coding (BoxCoder),
-anchors (AnchorGenerator), NMS and batched NMS, RoIAlign and its gradient; jit, vmap, bad input.
+anchors (AnchorGenerator), NMS and batched NMS, RoIAlign (both formulations: gather, matmul) and
+its gradient; jit, vmap, bad input.
 
 Our boxes are (ymin, xmin, ymax, xmax) and torchvision's (x1, y1, x2, y2): `xy` swaps the
 columns on the way. Tolerances: NMS and anchors must agree exactly (indices; anchors are rounded
@@ -251,7 +252,7 @@ def test_nms_vmaps_over_a_batch_of_images():
 
 # ---- RoIAlign ----
 
-roi_align = jax.jit(ops.roi_align, static_argnums=(2, 3, 4, 5))
+roi_align = jax.jit(ops.roi_align, static_argnums=(2, 3, 4, 5, 6))
 FEATURES = (2, 50, 50, 16)
 
 
@@ -291,11 +292,12 @@ def torch_roi_align(features, boxes, spatial_scale, aligned, grad=None):
   return out.detach().numpy(), t.grad.numpy().transpose(0, 2, 3, 1)
 
 
+@pytest.mark.parametrize('method', ['gather', 'matmul'])
 @pytest.mark.parametrize('spatial_scale', [1 / 16, 1 / 4])
 @pytest.mark.parametrize('aligned', [True, False])
-def test_roi_align_is_torchvisions(spatial_scale, aligned):
+def test_roi_align_is_torchvisions(spatial_scale, aligned, method):
   features, boxes = roi_case(spatial_scale)
-  out = roi_align(features, boxes, (7, 7), spatial_scale, 2, aligned)
+  out = roi_align(features, boxes, (7, 7), spatial_scale, 2, aligned, method)
   assert out.shape == (2, 64, 7, 7, 16)
   expected = torch_roi_align(features, boxes, spatial_scale, aligned)
   np.testing.assert_allclose(out, expected, atol=5e-5, rtol=0)
@@ -303,13 +305,14 @@ def test_roi_align_is_torchvisions(spatial_scale, aligned):
   assert not np.asarray(out[:, 4:6]).any() and np.asarray(out[:, 0]).all()  # off the map: 0
 
 
-def test_roi_align_gradient_is_torch_autograds():
+@pytest.mark.parametrize('method', ['gather', 'matmul'])
+def test_roi_align_gradient_is_torch_autograds(method):
   features, boxes = roi_case(1 / 16, seed=8)
   cotangent = np.random.default_rng(9).normal(size=(2, 64, 7, 7, 16)).astype(np.float32)
   expected, expected_grad = torch_roi_align(features, boxes, 1 / 16, True, cotangent)
 
   def loss(f, b):
-    return jnp.sum(ops.roi_align(f, b, 7, 1 / 16, 2, True) * cotangent)
+    return jnp.sum(ops.roi_align(f, b, 7, 1 / 16, 2, True, method) * cotangent)
 
   value, (grad, box_grad) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(features, boxes)
   np.testing.assert_allclose(value, np.sum(expected * cotangent), rtol=1e-5)
@@ -333,6 +336,21 @@ def test_roi_align_bad_input_is_refused_by_name():
     ops.roi_align(features, boxes, (7, 0), 1.0, 2)
   with pytest.raises(ValueError, match=r'spatial_scale .* got 0'):
     ops.roi_align(features, boxes, 7, 0, 2)
+  with pytest.raises(ValueError, match=r"method must be one of .* got 'dense'"):
+    ops.roi_align(features, boxes, 7, 1.0, 2, method='dense')
+
+
+def test_roi_align_auto_multiplies_on_small_maps_only():
+  """'auto' is 'matmul' up to 64 s^2 map pixels (16 x 16 at s = 2): same numbers either way."""
+  rng = np.random.default_rng(3)
+  for size, method in ((16, 'matmul'), (17, 'gather')):
+    features = rng.normal(size=(1, size, size, 2)).astype(np.float32)
+    boxes = np.array([[[1.0, 2.0, 9.5, 13.0], [-3.0, 4.0, 30.0, 20.0]]], np.float32)
+    jaxpr = str(jax.make_jaxpr(lambda f: ops.roi_align(f, boxes, 3, 0.5, 2))(features))
+    assert ('dot_general' in jaxpr) == (method == 'matmul'), size
+    np.testing.assert_allclose(ops.roi_align(features, boxes, 3, 0.5, 2),
+                               ops.roi_align(features, boxes, 3, 0.5, 2, method=method),
+                               atol=0, rtol=0)
 
 
 def test_box_ops_bad_input_is_refused_by_name():

@@ -23,8 +23,20 @@ shapes cannot hold (Faster R-CNN's MultiScaleRoIAlign uses 2).
 
 Gradients flow to the features (a scatter-add of the bilinear weights, as torchvision's
 backward) and not to the boxes (torchvision's roi_align has none for them either).
-Memory: the gather holds B * K * out_h * out_w * (2 sampling_ratio)^2 * C values before the
-weighted sum (XLA may fuse the two).
+Two formulations, the same numbers up to the order of the sums (`method`):
+  'gather'  gathers every sample's four neighbours and sums them weighted: it holds
+            B * K * out_h * out_w * (2 sampling_ratio)^2 * C values before the weighted sum (XLA
+            may fuse the two), and its gradient is a scatter-add.
+  'matmul'  writes each box's bilinear weights as an interpolation matrix (out_h * out_w, H * W),
+            the outer product of one matrix per axis (the weights are separable: the product of a
+            row weight and a column weight, the off-map rule axis by axis), and multiplies the
+            features by it: B * K * out_h * out_w * H * W weights and as many multiply-adds per
+            channel; its gradient is the transposed product. Faster on small maps, where
+            XLA:CPU's gathers and scatters dominate: output and features' gradient of 16 maps of
+            128 channels, 64 boxes each, 7 x 7 bins, sampling_ratio 2, on a 2-core CPU took a
+            sixth of the gather's time on 8 x 8 maps, half on 16 x 16, 1.4 times on 24 x 24.
+  'auto'    'matmul' for maps of at most MATMUL_MAX_PIXELS_PER_SAMPLE * sampling_ratio^2
+            pixels (16 x 16 at sampling_ratio 2), else 'gather'.
 """
 
 from __future__ import annotations
@@ -32,6 +44,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# 'auto' multiplies by interpolation matrices up to this many map pixels per sample of a bin.
+MATMUL_MAX_PIXELS_PER_SAMPLE = 64
+METHODS = ('auto', 'gather', 'matmul')
 
 
 def _axis_samples(start: jax.Array, bin_size: jax.Array, bins: int, sampling_ratio: int,
@@ -56,10 +72,18 @@ def _axis_samples(start: jax.Array, bin_size: jax.Array, bins: int, sampling_rat
   return jnp.stack([low, high], -1), weights
 
 
+def _interpolation(indices: jax.Array, weights: jax.Array, size: int) -> jax.Array:
+  """_axis_samples' (indices, weights) (B, K, bins, s, 2) -> (B, K, bins, size): each bin's
+  summed weight on each pixel of the axis."""
+  hits = indices[..., None] == jnp.arange(size)
+  return jnp.sum(jnp.where(hits, weights[..., None], jnp.zeros((), weights.dtype)), axis=(3, 4))
+
+
 def _roi_align(features: jax.Array, boxes: jax.Array, output_size: tuple[int, int],
-               spatial_scale: float, sampling_ratio: int, aligned: bool) -> jax.Array:
+               spatial_scale: float, sampling_ratio: int, aligned: bool,
+               method: str = 'gather') -> jax.Array:
   """(B, H, W, C), (B, K, 4) -> (B, K, out_h, out_w, C)."""
-  batch, height, width, _ = features.shape
+  batch, height, width, channels = features.shape
   out_h, out_w = output_size
   dtype = boxes.dtype
   offset = 0.5 if aligned else 0.0
@@ -71,21 +95,32 @@ def _roi_align(features: jax.Array, boxes: jax.Array, output_size: tuple[int, in
   bin_h, bin_w = extent[..., 0] / out_h, extent[..., 1] / out_w
   ys, wy = _axis_samples(start[..., 0], bin_h, out_h, sampling_ratio, height)
   xs, wx = _axis_samples(start[..., 1], bin_w, out_w, sampling_ratio, width)
+  count = jnp.asarray(sampling_ratio * sampling_ratio, features.dtype)
+  if method == 'matmul':
+    rows = _interpolation(ys, wy, height)  # (B, K, out_h, H)
+    columns = _interpolation(xs, wx, width)  # (B, K, out_w, W)
+    matrix = (rows[:, :, :, None, :, None] * columns[:, :, None, :, None, :]).reshape(
+        batch, -1, height * width).astype(features.dtype)
+    pooled = jnp.einsum('bqn,bnc->bqc', matrix, features.reshape(batch, -1, channels),
+                        precision=jax.lax.Precision.HIGHEST)
+    return pooled.reshape(batch, -1, out_h, out_w, channels) / count
   # (B, K, out_h, s, 2, out_w, s, 2, C): every sample's four neighbours.
   image = jnp.arange(batch)[:, None, None, None, None, None, None, None]
   values = features[image, ys[..., None, None, None], xs[:, :, None, None, None]]
   weights = wy[..., None, None, None] * wx[:, :, None, None, None]
   pooled = jnp.sum(values * weights[..., None].astype(features.dtype), axis=(3, 4, 6, 7))
-  return pooled / jnp.asarray(sampling_ratio * sampling_ratio, features.dtype)
+  return pooled / count
 
 
 def roi_align(features: jax.Array, boxes: jax.Array, output_size: int | tuple[int, int],
-              spatial_scale: float, sampling_ratio: int, aligned: bool = True) -> jax.Array:
+              spatial_scale: float, sampling_ratio: int, aligned: bool = True,
+              method: str = 'auto') -> jax.Array:
   """(B, H, W, C) features, (B, K, 4) boxes -> (B, K, out_h, out_w, C): torchvision.ops.
   roi_align(features as NCHW, boxes as (x1, y1, x2, y2), output_size, spatial_scale,
   sampling_ratio, aligned), for sampling_ratio > 0 (see the module docstring). output_size,
-  spatial_scale, sampling_ratio and aligned are static. The boxes' coordinates are computed in
-  their float dtype (float32 for integer boxes); the sum in the features' dtype."""
+  spatial_scale, sampling_ratio, aligned and `method` ('auto' | 'gather' | 'matmul': the
+  formulation, module docstring) are static. The boxes' coordinates are computed in their float
+  dtype (float32 for integer boxes); the sum in the features' dtype."""
   features, boxes = jnp.asarray(features), jnp.asarray(boxes)
   if features.ndim != 4:
     raise ValueError(f'features must have shape (B, H, W, C), got {features.shape}')
@@ -103,11 +138,17 @@ def roi_align(features: jax.Array, boxes: jax.Array, output_size: int | tuple[in
                      f'torchvision has data-dependent shapes), got {sampling_ratio!r}')
   if not np.isscalar(spatial_scale) or not float(spatial_scale) > 0:
     raise ValueError(f'spatial_scale must be a number > 0, got {spatial_scale!r}')
+  if method not in METHODS:
+    raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+  if method == 'auto':
+    small = features.shape[1] * features.shape[2] <= (MATMUL_MAX_PIXELS_PER_SAMPLE
+                                                      * sampling_ratio * sampling_ratio)
+    method = 'matmul' if small else 'gather'
   if not jnp.issubdtype(boxes.dtype, jnp.floating):
     boxes = boxes.astype(jnp.float32)
   boxes = jax.lax.stop_gradient(boxes)
   return _roi_align(features, boxes, (int(output_size[0]), int(output_size[1])),
-                    float(spatial_scale), int(sampling_ratio), bool(aligned))
+                    float(spatial_scale), int(sampling_ratio), bool(aligned), method)
 
 
-__all__ = ['roi_align']
+__all__ = ['roi_align', 'METHODS', 'MATMUL_MAX_PIXELS_PER_SAMPLE']

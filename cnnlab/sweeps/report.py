@@ -64,7 +64,7 @@ class Row:
   metric: str  # the headline metric (accuracy, miou, ...)
   metric_mean: float
   metric_std: float | None  # None with one seed
-  loss_mean: float
+  loss_mean: float | None  # None: the task's evaluation has no loss (a detector's)
   loss_std: float | None
   params: int | None
   macs: int | None
@@ -152,11 +152,12 @@ def aggregate(runs: Sequence[RunDir]) -> tuple[list[str], list[Row]]:
   for members in groups.values():
     values = {k: members[0].overrides.get(k) for k in keys}
     finals = [r.summary['final_eval'] for r in members]
-    acc, loss = [f[metric] for f in finals], [f['loss'] for f in finals]
+    acc, loss = [f[metric] for f in finals], [f['loss'] for f in finals if 'loss' in f]
     speeds = [r.summary.get('images_per_sec') for r in members if r.summary.get('images_per_sec')]
     macs, rf, note = _figures(members[0], cache)
-    rows.append(Row(values, members, metric, statistics.fmean(acc), _std(acc), statistics.fmean(loss),
-                    _std(loss), members[0].summary.get('num_params'), macs, rf,
+    rows.append(Row(values, members, metric, statistics.fmean(acc), _std(acc),
+                    statistics.fmean(loss) if loss else None, _std(loss),
+                    members[0].summary.get('num_params'), macs, rf,
                     statistics.fmean(r.summary.get('wall_time_s') or 0.0 for r in members),
                     statistics.fmean(speeds) if speeds else None, [note] if note else []))
   return keys, rows
@@ -253,7 +254,9 @@ def _num(v: float) -> str:
   return str(int(v)) if float(v).is_integer() else f'{v:.1f}'
 
 
-def _pm(mean: float, std: float | None, scale: float, digits: int) -> str:
+def _pm(mean: float | None, std: float | None, scale: float, digits: int) -> str:
+  if mean is None:
+    return '—'
   return f'{mean * scale:.{digits}f}' + ('' if std is None else f' ± {std * scale:.{digits}f}')
 
 

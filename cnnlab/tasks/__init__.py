@@ -4,6 +4,8 @@
   segmentation    (B, H, W, K) logits against 'mask' (0 = background)  headline 'miou'
   localization    {'logits', 'box'} against 'label' and 'bbox'         headline 'localized'
   reconstruction  (B, H, W, C) pixel logits against the image          headline 'psnr'
+  detection       {'rpn_*', 'roi_*'} in training, {'boxes', 'scores',  headline 'AP50'
+                  'labels', 'num_detections'} after, against 'labels' and 'boxes' (B, N, 4)
 
 `cnnlab.tasks.base.Task` says what a task gives the trainer; one module per task.
 """
@@ -13,13 +15,14 @@ from __future__ import annotations
 from cnnlab.tasks.base import Task, TaskError
 from cnnlab.tasks.classification import Classification
 from cnnlab.tasks.config import default_config
+from cnnlab.tasks.detection import Detection
 from cnnlab.tasks.localization import Localization
 from cnnlab.tasks.names import HEADLINES, TASK_NAMES, headline, task_name
 from cnnlab.tasks.reconstruction import Reconstruction
 from cnnlab.tasks.segmentation import Segmentation
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Classification, Segmentation, Localization,
-                                                     Reconstruction)}
+                                                     Reconstruction, Detection)}
 
 
 def get(name: str) -> type[Task]:
@@ -40,18 +43,15 @@ def check_config(config, info) -> list[str]:
   if name not in TASKS:
     return [f'task.name={name!r}: expected one of {TASK_NAMES}']
   task = TASKS[name]
-  problems = []
-  missing = [k for k in task.keys if k not in dataset_keys(info)]
-  if missing:
-    problems.append(f'task.name={name!r} needs {", ".join(map(repr, missing))} in every example; '
-                    f'data.name={info.name!r} has {", ".join(map(repr, dataset_keys(info)))}')
+  problems = task.check_dataset(config, info)
+  unfit = bool(problems)
   augment = config.data.augment
   if not task.mixing:
     for key in ('mixup_alpha', 'cutmix_alpha'):
       if augment[key]:
         problems.append(f'data.augment.{key}={augment[key]!r}: mixing blends labels, which '
                         f'task.name={name!r} does not train on; set it to 0')
-  if not missing:
+  if not unfit:
     problems += task.check_config(config.task, info)
   return problems
 
@@ -64,4 +64,4 @@ def create(config, num_classes: int | None, class_names=None) -> Task:
 
 __all__ = ['Task', 'TaskError', 'TASKS', 'TASK_NAMES', 'HEADLINES', 'get', 'create',
            'check_config', 'dataset_keys', 'default_config', 'headline', 'task_name',
-           'Classification', 'Segmentation', 'Localization', 'Reconstruction']
+           'Classification', 'Segmentation', 'Localization', 'Reconstruction', 'Detection']

@@ -7,6 +7,10 @@ them knows what a label, a mask or a box is.
 Evaluation adds up *sums* (a confusion matrix, loss sums, counts), never means of batch means: the
 whole split is scored exactly, whatever its batch padding ('valid' False rows count for nothing)
 and however many devices share a batch (pmap psums the sums; under jit they are global already).
+A metric that is no sum (COCO's AP ranks every detection of the split) comes from *records*:
+per-example arrays the evaluation step returns beside the sums (`eval_records`), gathered whole
+over devices and hosts, stripped of the padding rows and fed batch by batch, in split order, to an
+accumulator on the host (`new_accumulator`, `accumulate`) that `finalize` reads.
 """
 
 from __future__ import annotations
@@ -64,7 +68,23 @@ class Task:
     """Problems with `config.task`'s options for this task and dataset, each naming its key."""
     return []
 
+  @classmethod
+  def check_dataset(cls, config, info) -> list[str]:
+    """Problems with the dataset for this task (its examples lack the task's keys), each naming
+    the key to change; `check_config` is asked only when there are none."""
+    have = info.example_keys()
+    missing = [k for k in cls.keys if k not in have]
+    if not missing:
+      return []
+    return [f'task.name={cls.name!r} needs {", ".join(map(repr, missing))} in every example; '
+            f'data.name={info.name!r} has {", ".join(map(repr, have))}']
+
   # -- the training step -------------------------------------------------------------------
+  def model_inputs(self, batch: Mapping[str, jax.Array], train: bool) -> dict[str, Any]:
+    """Keyword arguments for `model.apply` besides the images (a detector's training targets);
+    {} by default. `batch` is the step's own (a device's slice under pmap), augmented."""
+    return {}
+
   def check_outputs(self, outputs, images) -> None:
     """Raises TaskError unless `outputs` (arrays or their shapes, traced) fit the task for these
     (B, H, W, C) images. Called while the step is traced, so a misfit fails before compiling."""
@@ -79,8 +99,25 @@ class Task:
     """Sums over the batch's valid rows ((B,) float 0/1) that add up to the split's metrics."""
     raise NotImplementedError
 
-  def finalize(self, sums: Mapping[str, np.ndarray]) -> tuple[dict[str, float], dict[str, Any]]:
-    """(scalar metrics for metrics.jsonl, details for summary.json: JSON lists) of a split."""
+  def eval_records(self, outputs, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array] | None:
+    """Per-example arrays (leading axis B) the host needs to score the split, or None (the
+    default: the sums say everything). The evaluation drops the padding rows itself."""
+    return None
+
+  def new_accumulator(self, image_shape: tuple[int, ...]) -> Any:
+    """What gathers a split's records on the host, for (H, W, C) images; None for a task
+    without `eval_records`."""
+    return None
+
+  def accumulate(self, accumulator, records: Mapping[str, np.ndarray]) -> Any:
+    """Adds one batch's records (numpy, padding rows removed, in split order); returns the
+    accumulator."""
+    return accumulator
+
+  def finalize(self, sums: Mapping[str, np.ndarray],
+               accumulator: Any = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """(scalar metrics for metrics.jsonl, details for summary.json: JSON lists) of a split: from
+    its sums and, for a task with `eval_records`, its accumulator (passed only then)."""
     raise NotImplementedError
 
   def summary(self, details: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -14,7 +14,9 @@ def default_config() -> ml_collections.ConfigDict:
   # What the model is trained to do (cnnlab.tasks.TASK_NAMES):
   # 'classification' (a label per image), 'segmentation' (a class per pixel, 0 = background),
   # 'localization' (a label and one box per image), 'reconstruction' (the image itself: an
-  # autoencoder). The dataset must have the task's keys (mask; label and bbox).
+  # autoencoder), 'detection' (boxes and classes of several objects per image; the detector's
+  # settings are its model's). The dataset must have the task's keys (mask; label and bbox;
+  # labels, boxes and num_objects: shapes with data.shapes.max_objects >= 1).
   c.name = 'classification'
   # segmentation: loss weight per mask class (background first); () = all 1. PyTorch's
   # CrossEntropyLoss(weight=...): the loss is the weighted mean over pixels.

@@ -7,6 +7,8 @@ METRICS = {
     'segmentation': ('loss', 'pixel_accuracy', 'miou'),
     'localization': ('loss', 'accuracy', 'box_iou', 'localized'),
     'reconstruction': ('loss', 'mse', 'psnr'),
+    # no 'loss': a detector evaluated gives detections, not losses (cnnlab.tasks.detection)
+    'detection': ('AP', 'AP50', 'AP75', 'AR100'),
 }
 # name -> (headline metric, 'max' | 'min'): what sums a run of that task up.
 HEADLINES = {
@@ -14,14 +16,17 @@ HEADLINES = {
     'segmentation': ('miou', 'max'),
     'localization': ('localized', 'max'),
     'reconstruction': ('psnr', 'max'),
+    'detection': ('AP50', 'max'),
 }
 TASK_NAMES = tuple(HEADLINES)
 # Metrics that improve downwards (a best_metric named without best_mode is ranked by this).
 LOWER_IS_BETTER = ('loss', 'mse')
 
 
-# Metrics shown as percentages (fractions of examples or pixels); the others as they are.
-PERCENT = ('accuracy', 'pixel_accuracy', 'miou', 'localized', 'box_iou')
+# Metrics shown as percentages (fractions of examples or pixels, COCO's average precisions and
+# recalls); the others as they are.
+PERCENT = ('accuracy', 'pixel_accuracy', 'miou', 'localized', 'box_iou', 'AP', 'AP50', 'AP75',
+           'AR100')
 UNITS = {'psnr': 'dB'}
 
 

@@ -52,8 +52,10 @@ def done_line(summary: dict[str, Any], workdir: str) -> str:
   metric, value = metric or 'loss', float('nan') if value is None else value
   best_part = (f' (best {best[metric]:.4f} at step {best["step"]})'
                if metric in best and best[metric] != final.get(metric) else '')
+  # (an evaluation without a loss, a detector's, says nothing of it)
+  loss = '' if final and 'loss' not in final else f", loss {final.get('loss', float('nan')):.4f}"
   return (f"done: {summary['steps']} steps, test {metric} {value:.4f}"
-          f"{best_part}, loss {final.get('loss', float('nan')):.4f}, wall "
+          f"{best_part}{loss}, wall "
           f"{summary['wall_time_s']:.1f}s (compile {summary['compile_time_s']:.1f}s) -> "
           f"{os.path.join(workdir, 'summary.json')}")
 

@@ -100,12 +100,22 @@ class Run:
 
   def evaluate(self, eval_fn, state) -> tuple[dict[str, float], dict[str, Any]]:
     """The task's metrics over the whole evaluation split, padding excluded (the loss and e.g.
-    accuracy, or mIoU), and its details for summary.json (e.g. the confusion matrix)."""
-    total = None
+    accuracy, or mIoU, or COCO's AP), and its details for summary.json (e.g. the confusion
+    matrix). Sums are added on the devices and fetched once; a task's records (`eval_fn` gives
+    (sums, records)) are fetched batch by batch, one batch behind the devices so that the host's
+    accumulation overlaps the next batch's computation, and accumulated in split order."""
+    task = self.task
+    total, accumulator, behind = None, task.new_accumulator(tuple(self.info.image_shape)), None
     for batch in self.eval_data.eval_batches():
-      sums = eval_fn(state, batch)
+      sums, records = eval_fn(state, batch)
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    return self.task.finalize(parallel.fetch(total))
+      if behind is not None:
+        accumulator = task.accumulate(accumulator, parallel.fetch_rows(behind))
+      behind = records
+    if behind is not None:
+      accumulator = task.accumulate(accumulator, parallel.fetch_rows(behind))
+    sums = parallel.fetch(total)
+    return task.finalize(sums) if accumulator is None else task.finalize(sums, accumulator)
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:

@@ -9,7 +9,14 @@ gradients are averaged with `lax.pmean`; batch-norm statistics are averaged by t
 A batch is the data layer's dict: 'image' (B, H, W, C) uint8, the keys its task reads ('label',
 'mask', 'bbox'), and optionally 'label_mix'/'mix_weight' (mixup, cutmix), 'valid' (evaluation
 padding), 'index', 'epoch'. What the model's output means is the task's business
-(`settings.task`, a cnnlab.tasks.Task): the steps only ask it for the loss and the sums.
+(`settings.task`, a cnnlab.tasks.Task): the steps only ask it for the model's extra inputs
+(`Task.model_inputs`, e.g. a detector's training targets), the loss, and the evaluation's sums and
+records.
+
+Random streams of the update, each folded from (state.rng, state.step) and, under pmap, the
+device's index: 0 augmentation (of the global batch, so not per device), 1 'dropout', 2 'sample'
+(what a model draws in training besides dropout masks, e.g. a detector's anchor and RoI samples).
+A model that draws nothing ignores 'sample', so adding it changed no other model's numbers.
 """
 
 from __future__ import annotations
@@ -99,18 +106,22 @@ def make_update(settings: StepSettings) -> Callable[[TrainState, jax.Array, dict
   model, tx, task = settings.model, settings.tx, settings.task
 
   def update(state: TrainState, images: jax.Array, batch: dict):
-    dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
+    step_key = jax.random.fold_in(state.rng, state.step)
+    dropout_key, sample_key = (jax.random.fold_in(step_key, i) for i in (1, 2))
     if settings.axis_name:
       # pmap: each device draws masks for its own slice; without its index in the key every
       # device would drop the same units of its i-th example. (Under jit the masks are drawn for
       # the global batch, as on one device; pmap's are other draws of the same distribution.)
-      dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(settings.axis_name))
+      index = lax.axis_index(settings.axis_name)
+      dropout_key, sample_key = (jax.random.fold_in(k, index) for k in (dropout_key, sample_key))
+    inputs = task.model_inputs(batch, train=True)
 
     def loss_fn(params):
       variables = {'params': params, **({'batch_stats': state.batch_stats} if state.batch_stats else {})}
       with norm.frozen_batch_norm(settings.frozen_batch_norm):
-        outputs, updates = model.apply(variables, images, train=True, rngs={'dropout': dropout_key},
-                                       mutable=['batch_stats', 'intermediates'])
+        outputs, updates = model.apply(variables, images, train=True,
+                                       rngs={'dropout': dropout_key, 'sample': sample_key},
+                                       mutable=['batch_stats', 'intermediates'], **inputs)
       task.check_outputs(outputs, images)  # at trace time: a misfit fails before compiling
       loss, task_metrics = task.loss(outputs, batch)
       for aux in aux_outputs(updates.get('intermediates', {})):
@@ -156,20 +167,30 @@ def make_update(settings: StepSettings) -> Callable[[TrainState, jax.Array, dict
   return update
 
 
-def make_eval_step(settings: StepSettings) -> Callable[[TrainState, dict], dict]:
-  """eval_step(state, batch) -> the task's sums over the batch's valid rows (`Task.eval_sums`):
-  sums, not means, so that batches of any padding and devices combine exactly. Uses the EMA
-  parameters when the state has them."""
+def make_eval_step(settings: StepSettings) -> Callable[[TrainState, dict], tuple[dict, Any]]:
+  """eval_step(state, batch) -> (sums, records).
+
+  sums: the task's sums over the batch's valid rows (`Task.eval_sums`): sums, not means, so that
+  batches of any padding and devices combine exactly. records: None, or for a task with
+  `Task.eval_records`, (its per-example arrays, valid (B,) bool) of the whole batch, padding
+  included (the host drops it). Under pmap the sums are psummed and the records all-gathered in
+  device order, so every strategy returns the global batch's. Uses the EMA parameters when the
+  state has them."""
   model, task = settings.model, settings.task
 
-  def eval_step(state: TrainState, batch: dict) -> dict:
+  def eval_step(state: TrainState, batch: dict):
     images = augment.normalize(batch['image'], settings.mean, settings.std, settings.compute_dtype)
-    outputs = model.apply(state.variables, images, train=False)
+    outputs = model.apply(state.variables, images, train=False,
+                          **task.model_inputs(batch, train=False))
     task.check_outputs(outputs, images)
     valid = (batch['valid'] if 'valid' in batch else jnp.ones(images.shape[:1], bool))
     sums = task.eval_sums(outputs, batch, valid.astype(jnp.float32))
+    records = task.eval_records(outputs, batch)
+    if records is not None:
+      records = (records, valid.astype(bool))
     if settings.axis_name:
       sums = lax.psum(sums, settings.axis_name)
-    return sums
+      records = lax.all_gather(records, settings.axis_name, tiled=True)
+    return sums, records
 
   return eval_step
