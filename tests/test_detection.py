@@ -16,7 +16,7 @@ import cnnlab
 from cnnlab import cli, config as config_lib, data, tasks
 from cnnlab.models import registry
 from cnnlab.tasks.coco_eval import CocoEvaluator
-from cnnlab.train import loop, step as step_lib
+from cnnlab.train import loop
 
 # 30 test images: evaluation batches of 8 leave a padded last batch.
 SHAPES = dict(resolution=16, num_classes=3, num_train=32, num_test=30, dataset_seed=3,
@@ -165,8 +165,7 @@ def test_the_train_step_gives_the_model_its_targets_and_a_sample_stream():
 def evaluate(config):
   run = loop.setup(config)
   state = run.par.place_state(run.initial_state())
-  eval_fn = run.par.compile_eval(step_lib.make_eval_step(run.settings), state)
-  return (*run.evaluate(eval_fn, state), run, state)
+  return (*run.evaluate(run.compile_eval(state), state), run, state)
 
 
 def read_test_split(data_dir):

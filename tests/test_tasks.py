@@ -16,7 +16,7 @@ import cnnlab
 from cnnlab import cli, config as config_lib, data, ops, tasks
 from cnnlab.layers import as_logits
 from cnnlab.models import registry
-from cnnlab.train import loop, step as step_lib
+from cnnlab.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, 'experiments', 'quickstart.py')
@@ -85,8 +85,7 @@ def evaluate(config):
   """(metrics, details, the state) of a fresh model over the whole evaluation split."""
   run = loop.setup(config)
   state = run.par.place_state(run.initial_state())
-  eval_fn = run.par.compile_eval(step_lib.make_eval_step(run.settings), state)
-  return (*run.evaluate(eval_fn, state), run, state)
+  return (*run.evaluate(run.compile_eval(state), state), run, state)
 
 
 def log_softmax(x):

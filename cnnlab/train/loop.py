@@ -75,6 +75,11 @@ class Run:
     options = {'xla_backend_optimization_level': 0} if cpu else None
     return create.lower().compile(compiler_options=options)()
 
+  def compile_eval(self, state):
+    """`eval_fn(state, batch) -> (sums, records)` of a global evaluation batch (what `evaluate`
+    takes; cnnlab.train.step.make_eval_step under this run's strategy)."""
+    return self.par.compile_eval(step_lib.make_eval_step(self.settings), state)
+
   def compile_train(self, state, first_batch: dict | None = None):
     """(run, data_arg), compiled now: run(state, data_arg) -> (state, metrics) trains the batch of
     `state.step`. The device pipeline draws it inside the step from data_arg (its arrays); a host
@@ -280,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     t = time.time()
     train_fn, data_arg = run.compile_train(state, first)
     compile_time = time.time() - t
-    eval_fn = run.par.compile_eval(step_lib.make_eval_step(run.settings), state)
+    eval_fn = run.compile_eval(state)
     writer = MetricWriter(workdir, config.log.tensorboard,
                           purge_step=None if resume_step is None else resume_step + 1)
   except BaseException as e:
