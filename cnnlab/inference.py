@@ -36,7 +36,8 @@ class LoadedRun:
     self.image_shape, self.num_classes = tuple(image_shape), num_classes
     self.mean, self.std = tuple(mean), tuple(std)
     self.task = task or tasks.create(config, num_classes)
-    self._apply = None  # the jitted model.apply (`_jitted_apply`), found at the first call
+    # One compiled program per batch shape (run op by op, a detector's NMS loops take minutes).
+    self._apply = jax.jit(functools.partial(self.model.apply, train=False))
 
   def preprocess(self, images, value_range: tuple[float, float] | None = None) -> jax.Array:
     """(B, H, W, C) images -> the model's float32 input, normalised as in training.
@@ -78,13 +79,7 @@ class LoadedRun:
     return augment.normalize(scaled, self.mean, self.std)
 
   def outputs(self, images, value_range: tuple[float, float] | None = None):
-    """The model's raw output on (B, H, W, C) images (as `preprocess` takes them), from one
-    compiled program per batch shape (run op by op, a detector's NMS loops take minutes)."""
-    if self._apply is None:
-      try:
-        self._apply = _jitted_apply(self.model)
-      except TypeError:  # a module with an unhashable setting (a dict): this run's own program
-        self._apply = _jitted_apply.__wrapped__(self.model)
+    """The model's raw output on (B, H, W, C) images (as `preprocess` takes them), compiled."""
     return self._apply(self.variables, self.preprocess(images, value_range))
 
   def predict(self, images, value_range: tuple[float, float] | None = None):
@@ -95,13 +90,6 @@ class LoadedRun:
     detection {'boxes' (B, D, 4) (ymin, xmin, ymax, xmax) in image fractions, 'scores' (B, D),
     'labels' (B, D), 'num_detections' (B,)}: best first, the first num_detections real."""
     return self.task.predict(self.outputs(images, value_range))
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_apply(model):
-  """`model.apply(variables, x, train=False)` jitted, one per model (flax modules hash by their
-  settings): runs loaded again, or several checkpoints of one run, reuse its compilations."""
-  return jax.jit(functools.partial(model.apply, train=False))
 
 
 def load_run(workdir: str, step: int | str | None = None) -> LoadedRun:
