@@ -16,6 +16,7 @@ Multi-host runs use JAX's own runtime: `initialize_distributed()` calls `jax.dis
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from typing import Any, Callable
@@ -25,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cnnlab import platforms
 
 AXIS = 'data'
 
@@ -148,6 +151,11 @@ class Parallel:
     return self.mesh.size
 
   @property
+  def platform(self) -> str:
+    """The devices' platform ('cpu', 'gpu', 'tpu'), which the steps are traced for."""
+    return self.mesh.devices.flat[0].platform
+
+  @property
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 
@@ -214,6 +222,7 @@ class Parallel:
     if self.strategy == 'pmap':
       return self._pmap_train(preprocess, update, draw, batch_fn is None, state, data)
 
+    @functools.partial(platforms.traced_for, self.platform)
     def run(state, data):
       return update(state, *preprocess(state, draw(state, data)))
     data_sharding = jax.tree.map(lambda _: self.replicated if batch_fn else self.batch_sharding, data)
@@ -225,6 +234,7 @@ class Parallel:
   def _pmap_train(self, preprocess, update, draw, stack_data: bool, state, data) -> Callable:
     n = self.num_devices
 
+    @functools.partial(platforms.traced_for, self.platform)
     def run(state, data):
       images, batch = preprocess(state, draw(state, data))
       index = lax.axis_index(AXIS)
@@ -249,6 +259,7 @@ class Parallel:
     replicated (XLA gathers the records' rows from the devices, and hosts, that computed them);
     under pmap the step psums and all-gathers over the devices itself, and one device's copy is
     returned. So the host reads the same global arrays under either strategy (`fetch_rows`)."""
+    eval_step = platforms.traced_for(self.platform, eval_step)
     if self.strategy == 'pmap':
       n = self.num_devices
       def run(state, batch):

@@ -6,11 +6,13 @@ import os
 # rendezvous timeouts that make their collectives safe (parallel.patient_cpu_collectives).
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 # Most of the suite's time is XLA:CPU compiling small programs that then run once or twice: LLVM's
-# optimisation passes cost more than they save here (GoogLeNet's train step compiles in half the
-# time; bench/README.md, "Compile time: GoogLeNet's ..."). Tests compare programs built under the
-# same flags, so they see the same arithmetic; users' runs keep XLA's defaults.
+# optimisation passes, and the newer fusion emitters, cost more than they save here (GoogLeNet's
+# train step compiles in a third of the time; bench/README.md, "Compile time: GoogLeNet's ...").
+# Tests compare programs built under the same flags, so they see the same arithmetic; users' runs
+# keep XLA's defaults.
 os.environ['XLA_FLAGS'] += (' --xla_backend_optimization_level=0'
-                            ' --xla_llvm_disable_expensive_passes=true')
+                            ' --xla_llvm_disable_expensive_passes=true'
+                            ' --xla_cpu_use_fusion_emitters=false')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 from cnnlab import parallel  # noqa: E402  (imports jax, but starts no backend)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cnnlab import layers
+from cnnlab import layers, platforms
 
 torch = pytest.importorskip('torch')
 F = torch.nn.functional
@@ -260,10 +260,8 @@ def test_cpu_formulations_equal_xla_own_values_and_gradients():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('platform,written', [('cpu', True), ('cuda', False)])
-def test_each_platform_compiles_its_own_formulation(platform, written):
-  """Lowered for CPU, a conv-norm-pool gradient holds only the written-out formulations (products
-  with ones, no select-and-scatter); lowered for a GPU, only XLA's own."""
+def conv_norm_pool_loss():
+  """(loss(params), params) of a conv-norm-pool block's output in training."""
   block = layers.ConvBlock(8)
   pooling = layers.Pool('max', 2)
   x = jnp.ones((4, 8, 8, 3))
@@ -272,10 +270,35 @@ def test_each_platform_compiles_its_own_formulation(platform, written):
   def loss(params):
     y, _ = block.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
     return jnp.sum(pooling.apply({}, y) ** 2)
-  text = jax.jit(jax.grad(loss)).trace(variables['params']).lower(
-      lowering_platforms=(platform,)).as_text()
+  return loss, variables['params']
+
+
+@pytest.mark.parametrize('platform,written', [('cpu', True), ('cuda', False)])
+def test_each_platform_compiles_its_own_formulation(platform, written):
+  """Lowered for CPU, a conv-norm-pool gradient holds only the written-out formulations (products
+  with ones, no select-and-scatter); lowered for a GPU, only XLA's own."""
+  loss, params = conv_norm_pool_loss()
+  text = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=(platform,)).as_text()
   assert ('select_and_scatter' not in text) == written
   assert ('dot_general' in text) == written
+
+
+@pytest.mark.parametrize('platform,written', [('cpu', True), ('gpu', False)])
+def test_traced_for_a_platform_traces_its_formulation_alone(platform, written):
+  """Traced for a known platform (as cnnlab.parallel traces the train and evaluation steps), the
+  gradient holds that platform's formulation and no conditional over platforms, and on CPU gives
+  the values of the untraced choice."""
+  loss, params = conv_norm_pool_loss()
+  grad = platforms.traced_for(platform, jax.grad(loss))
+  jaxpr = str(jax.make_jaxpr(grad)(params))
+  assert 'cond[' not in jaxpr and 'platform_index' not in jaxpr
+  assert ('select_and_scatter' not in jaxpr) == written
+  assert ('dot_general' in jaxpr) == written
+  assert 'cond[' in str(jax.make_jaxpr(jax.grad(loss))(params))  # untraced: both, chosen later
+  if platform == 'cpu':
+    for a, b in zip(jax.tree.leaves(jax.jit(grad)(params)),
+                    jax.tree.leaves(jax.jit(jax.grad(loss))(params))):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_residual_relu_has_relu_values_and_gradients_ties_included():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnnlab import analysis, models
+from cnnlab import analysis, models, platforms
 
 RNGS = {'params': jax.random.key(0), 'dropout': jax.random.key(1), 'sample': jax.random.key(2)}
 
@@ -85,10 +85,9 @@ def test_output_shapes_at_natural_size(name):
   variables = jax.eval_shape(functools.partial(model.init, RNGS, train=False), x)
   for train in (False, True):
     kwargs = train_kwargs(name, 3) if train else {}
-    out = jax.eval_shape(lambda v, x: model.apply(v, x, train=train, rngs=RNGS,
-                                                  mutable=['batch_stats', 'intermediates'],
-                                                  **kwargs),
-                         variables, x)[0]
+    apply = lambda v, x: model.apply(v, x, train=train, rngs=RNGS,  # noqa: E731
+                                     mutable=['batch_stats', 'intermediates'], **kwargs)
+    out = jax.eval_shape(platforms.traced_for('cpu', apply), variables, x)[0]
     assert shapes(out) == expected_shapes(name, 3, spec.input_shape, 7, train)
     check_dtypes(name, out)
 
@@ -133,7 +132,9 @@ def test_compiles_and_runs_in_train_and_eval_mode(name):
   model = models.create_model(name, **class_kwargs(name, 5), **narrow)
   x = jax.random.normal(jax.random.key(2), (2, *small_shape(spec)))
 
+  # Traced for CPU, as cnnlab traces its train and evaluation steps (cnnlab.platforms).
   @jax.jit
+  @functools.partial(platforms.traced_for, 'cpu')
   def run(x):
     variables = model.init(RNGS, x, train=False)
 

@@ -4,8 +4,8 @@
 statistics and gradient sums are products with a ones vector (`channel_sum`) and its gradient is
 written out (`batch_norm_train`), which XLA:CPU runs far faster than its own reductions; on other
 platforms the same arithmetic goes through `jnp.sum` and autodiff. The choice is made for the
-platform the computation is compiled for (`lax.platform_dependent`), not for the process's
-default backend.
+platform the computation is compiled for (`cnnlab.platforms.platform_dependent`), not for the
+process's default backend.
 
 Frozen batch norm (`frozen_batch_norm(paths)`, what `optim.freeze` uses): the BatchNorm layers at
 the given module paths normalise with their running statistics in training too and leave them
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cnnlab.layers.common import NORMS, check_choice
+from cnnlab.platforms import platform_dependent
 
 # Rows summed by each partial sum of `channel_sum`'s product (at most; a power of two dividing the
 # row count). One product over all rows accumulates each channel along one long chain, and its
@@ -70,7 +71,7 @@ def channel_sum(x: jax.Array) -> jax.Array:
   `jnp.sum`, which reduces well there and lets XLA fuse the producer into it.
   """
   x = x.astype(_stats_dtype(x))
-  return lax.platform_dependent(x, cpu=_channel_sum_product, default=_channel_sum_reduce)
+  return platform_dependent(x, cpu=_channel_sum_product, default=_channel_sum_reduce)
 
 
 def _channel_sum_reduce(x: jax.Array) -> jax.Array:
@@ -108,7 +109,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
   given (cross-replica batch norm). On CPU the gradient is written out (`_bn_bwd`) so that its sums
   are `channel_sum` products too; elsewhere it is autodiff's.
   """
-  return lax.platform_dependent(
+  return platform_dependent(
       x, scale, bias,
       cpu=lambda *xsb: _batch_norm_vjp(*xsb, epsilon, axis_name, out_dtype),
       default=lambda *xsb: _bn_fwd(*xsb, epsilon, axis_name, out_dtype)[0])

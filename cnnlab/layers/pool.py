@@ -20,6 +20,7 @@ from jax import lax
 from cnnlab import geometry
 from cnnlab.layers.common import (IntOrPair, POOLS, check_choice, check_output, pair,
                                   spatial_input)
+from cnnlab.platforms import platform_dependent
 
 class Pool(nn.Module):
   """Max or average pooling over H and W.
@@ -102,8 +103,8 @@ def max_pool(x: jax.Array, window, strides, pads, out) -> jax.Array:
   def reduce_window(x):
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1),
                              (1, *strides, 1), ((0, 0), *pads, (0, 0)))
-  return lax.platform_dependent(x, cpu=lambda x: _max_pool(x, window, strides, pads, out),
-                                default=reduce_window)
+  return platform_dependent(x, cpu=lambda x: _max_pool(x, window, strides, pads, out),
+                            default=reduce_window)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))

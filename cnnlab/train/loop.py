@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cnnlab import analysis, data, models, parallel, tasks, workdir as workdir_lib
+from cnnlab import analysis, data, models, parallel, platforms, tasks, workdir as workdir_lib
 from cnnlab import config as config_lib
 from cnnlab.train import (checkpoint, checks, images as images_lib, optim, resume,
                           state as state_lib, step as step_lib, transfer)
@@ -67,12 +67,11 @@ class Run:
     compiled at XLA's lowest backend optimisation: GoogLeNet's (187 random tensors) then
     compiles about 3x faster (bench/README.md, "Compile time: GoogLeNet's initial state and train
     step")."""
-    create = jax.jit(lambda: state_lib.create(
+    create = jax.jit(platforms.traced_for(self.par.platform, lambda: state_lib.create(
         self.model, self.settings.tx, seed=self.config.seed, input_shape=self.info.image_shape,
         ema=self.config.optim.ema_decay > 0,
-        loss_scale=2.0 ** 15 if self.config.dtype == 'float16' else 1.0))
-    cpu = self.par.mesh.devices.flat[0].platform == 'cpu'
-    options = {'xla_backend_optimization_level': 0} if cpu else None
+        loss_scale=2.0 ** 15 if self.config.dtype == 'float16' else 1.0)))
+    options = {'xla_backend_optimization_level': 0} if self.par.platform == 'cpu' else None
     return create.lower().compile(compiler_options=options)()
 
   def compile_eval(self, state):
