@@ -4,7 +4,8 @@ platform it compiles for.
 Some layers have a formulation that runs faster on CPU (batch norm's sums and gradient, max
 pooling's gradient: cnnlab.layers.norm, cnnlab.layers.pool). `lax.platform_dependent` picks it for
 the platform a computation is compiled for, but it traces every branch and differentiates a
-conditional: for GoogLeNet's train step that is half of its 17 s trace. Code that compiles for a
+conditional: 9.7 of the 17.4 s it took to trace GoogLeNet's train step (bench/README.md, "Fusion
+emitters off in tests, and steps traced for their platform"). Code that compiles for a
 known platform (the train and evaluation steps, cnnlab.parallel, which knows its mesh) wraps the
 function it compiles in `traced_for(platform, fn)`, and `platform_dependent` then traces the one
 branch that platform runs. A function traced without it, by a user's own jit, gets
