@@ -22,7 +22,7 @@ LAYERS = [
     ['cnnlab.parallel', 'cnnlab.config', 'cnnlab.configs', 'cnnlab.analysis', 'cnnlab.explain'],
     ['cnnlab.models', 'cnnlab.tasks'],
     ['cnnlab.layers', 'cnnlab.data', 'cnnlab.ops'],
-    ['cnnlab.geometry', 'cnnlab.workdir', 'cnnlab.runs'],
+    ['cnnlab.geometry', 'cnnlab.platforms', 'cnnlab.workdir', 'cnnlab.runs'],
 ]
 
 
