@@ -23,6 +23,10 @@ Every model is called as `model.apply(variables, images, train=bool, rngs=...)` 
   localization     {'logits': (B, num_classes), 'box': (B, 4)}, the box (ymin, xmin, ymax, xmax)
                    in [0, 1] with min <= max
   reconstruction   pixel logits (B, H, W, C) (a sigmoid gives the 0..1 image)
+  detection        train=False: {'boxes': (B, D, 4) in [0, 1], 'scores': (B, D), 'labels': (B, D),
+                   'num_detections': (B,)}, D fixed; train=True (with `targets`, the batch's boxes
+                   and labels, and a 'sample' rng): the RPN's and box head's outputs and their
+                   sampled targets (cnnlab.models.faster_rcnn)
 
 Per-stage features and auxiliary logits are `sow`n into the 'intermediates' collection.
 """
