@@ -8,7 +8,9 @@ seconds of wall time, one line each:
 
   init O2     `Run.initial_state`'s computation compiled with XLA's default optimisation
   init O0     the same with xla_backend_optimization_level=0 (what cnnlab uses on CPU: it runs once)
-  step        `Run.compile_train` (trace + lower + compile of the train step)
+  step        `Run.compile_train` (trace + lower + compile of the train step), and its parts as
+              JAX reports them (its jaxpr_trace, jaxpr_to_mlir_module and backend_compile
+              duration events, summed)
 
 It also runs on an older checkout (PYTHONPATH=OLD python bench/bench_compile.py), to compare.
 
@@ -49,11 +51,18 @@ def main(argv=None) -> int:
     create.lower().compile(compiler_options=options)
     print(f'{name:8s} {time.perf_counter() - started:6.1f} s', flush=True)
   state = run.initial_state()
+  parts = {}
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, seconds, **_: parts.__setitem__(event, parts.get(event, 0.0) + seconds))
   started = time.perf_counter()
   train_fn, data_arg = run.compile_train(state)
   if hasattr(train_fn, 'lower'):  # older cnnlab: compile_train returned the jitted step
     train_fn.lower(state, data_arg).compile()
-  print(f'{"step":8s} {time.perf_counter() - started:6.1f} s', flush=True)
+  events = {name: parts.get(f'/jax/core/compile/{event}', 0.0) for name, event in (
+      ('trace', 'jaxpr_trace_duration'), ('lower', 'jaxpr_to_mlir_module_duration'),
+      ('compile', 'backend_compile_duration'))}
+  print(f'{"step":8s} {time.perf_counter() - started:6.1f} s  ('
+        + ', '.join(f'{k} {v:.1f} s' for k, v in events.items()) + ')', flush=True)
   return 0
 
 
