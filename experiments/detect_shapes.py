@@ -4,13 +4,13 @@
   cnnlab train --config experiments/detect_shapes.py --workdir runs/detect_shapes
   cnnlab predict --run runs/detect_shapes --dataset shapes --split test --out runs/detect_shapes/predict
 
-Target: test AP50 >= 0.90 within 20 minutes on a 2-core CPU. Measured 2026-12-01 with the first
-command above (--workdir /tmp/det4), on the 2-core CPU while other jobs shared it (load average
-4-9: the times are upper bounds): test AP50 0.940, AP 0.717, AP75 0.855, AR100 0.761 after 5
-epochs (625 steps; AP50 0.821 at step 250, 0.935 at 500), in 901 s of wall time (15.0 min:
-compile 34 s, training 798 s at 25 images/s, evaluation 57 s), the dataset already generated
-(generating its 5000 examples the first time took another 86 s). With 4 epochs: AP50 0.922, AP
-0.681, AP75 0.821, AR100 0.739 in 652 s.
+Target: test AP50 >= 0.90 within 20 minutes on a 2-core CPU. Measured 2026-12-02 with the first
+command above (run by bench/bench_detect.py, the compilation cache off) alone on the idle 2-core
+CPU: test AP50 0.940, AP 0.717, AP75 0.855, AR100 0.761 after 5 epochs (625 steps; AP50 0.821 at
+step 250, 0.935 at 500), in 408 s of wall time (6.8 min: compile 14 s, training 343 s at 58
+images/s, three evaluations 36 s), the dataset already generated (generating its 5000 examples
+the first time took another 86 s). The same run beside other jobs (load average 4-9) took
+901 s, with the same figures. With 4 epochs: AP50 0.922, AP 0.681, AP75 0.821, AR100 0.739.
 """
 
 import ml_collections

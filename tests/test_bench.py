@@ -161,3 +161,78 @@ def test_profile_step_runs_on_the_real_step(tmp_path):
   assert {'convolution fwd', 'convolution dw', 'elementwise'} <= set(result['kinds_ms'])
   assert result['total_ms'] == pytest.approx(sum(result['kinds_ms'].values()))
   assert 'not in events' in proc.stdout
+
+
+def test_detect_torch_peer_is_cnnlabs_detector_on_cnnlabs_data(shared_data_dir):
+  """bench/bench_detect.py's torch peer: torchvision's FasterRCNN with cnnlab's parameter count
+  under experiments/detect_shapes.py, cnnlab's learning rates, cnnlab's training batches (indices,
+  flips, normalisation, boxes), and one training step and an evaluation by cnnlab's COCO scoring
+  on a handful of images."""
+  torch = pytest.importorskip('torch')
+  pytest.importorskip('torchvision')
+  import jax
+  import numpy as np
+  import bench_detect
+  from cnnlab.data import device as data_device
+  from cnnlab.train import optim, step as step_lib
+
+  config = bench_detect.experiment_config()
+  bench_detect.check_supported(config)
+  assert bench_detect.bench_overrides() == []  # the default is the shipped experiment
+  cnnlab_params = analysis.count_params(bench_detect.cnnlab_model(config, 4), (64, 64, 3))
+  torch.manual_seed(0)
+  twin = bench_detect.build_torch_model(config, 4)
+  assert bench_detect.count_params(twin) == cnnlab_params == 676_326
+  assert bench_detect.backbone_settings(bench_detect.cnnlab_model(config, 4))['feature_stride'] == 4
+
+  # cnnlab's schedule, step by step: the experiment's 625 steps and a one-step smoke run.
+  for total, per_epoch in ((625, 125), (1, 2)):
+    factors = bench_detect.lr_factors(config, total, per_epoch)
+    lr = optim.schedule(config.optim, total, per_epoch)
+    expected = np.asarray(jax.vmap(lr)(np.arange(total, dtype=np.int32)))
+    np.testing.assert_allclose(np.asarray(factors) * config.optim.learning_rate, expected,
+                               rtol=1e-5, atol=1e-9)
+
+  # A tiny dataset of the experiment's kind: cnnlab's batches of steps 0-2 against the torch side's.
+  small = bench_detect.experiment_config([
+      *bench_detect.bench_overrides(num_train=8, num_test=4), 'train.batch_size=4',
+      f'data.data_dir={str(shared_data_dir)!r}'])
+  train, info = bench_detect.load_split(small, 'train')
+  test, _ = bench_detect.load_split(small, 'test')
+  mean, std = bench_detect.normalization(small, info)
+  indices, flips = bench_detect.cnnlab_stream(small, 8, 3)
+  assert indices.shape == flips.shape == (3, 4)
+  settings = step_lib.StepSettings(model=None, tx=None, learning_rate=None, task=None, mean=mean,
+                                   std=std, augment=small.data.augment.to_dict())
+  state, arrays = bench_detect.run_state(small.seed), {k: np.asarray(v) for k, v in train.items()}
+
+  @jax.jit
+  def cnnlab_batch(step):  # what cnnlab's train step trains on at `step`
+    batch = data_device.device_batch(arrays, step, seed=small.seed, batch_size=4, num_examples=8)
+    return step_lib.preprocess(state.replace(step=step), batch, settings)
+
+  for step in range(3):  # two epochs of two steps
+    images, batch = cnnlab_batch(np.int32(step))
+    np.testing.assert_array_equal(np.asarray(batch['index']), indices[step])
+    x, targets = bench_detect.torch_batch(train, indices[step], flips[step], mean, std)
+    np.testing.assert_allclose(x.permute(0, 2, 3, 1).numpy(), np.asarray(images), atol=1e-5)
+    for i, target in enumerate(targets):
+      n = int(batch['num_objects'][i])
+      xyxy = np.asarray(batch['boxes'][i, :n])[:, [1, 0, 3, 2]] * 64
+      np.testing.assert_allclose(target['boxes'].numpy(), xyxy, atol=1e-5)
+      np.testing.assert_array_equal(target['labels'].numpy(),
+                                    np.asarray(batch['labels'][i, :n]) + 1)
+  assert flips.any() and not flips.all()  # the flips are visible in the comparison
+
+  # One step and an evaluation by cnnlab's detection task.
+  model = twin.train()  # the model only depends on config.model
+  optimizer, scheduler = bench_detect.make_optimizer(model, small, 3, 2)
+  x, targets = bench_detect.torch_batch(train, indices[0], flips[0], mean, std)
+  losses = bench_detect.train_step(model, optimizer, scheduler, x, targets)
+  assert set(losses) == {'rpn_objectness', 'rpn_box', 'roi_class', 'roi_box', 'loss'}
+  assert all(math.isfinite(v) for v in losses.values())
+  task = bench_detect.detection_task(small, info)
+  metrics, details = bench_detect.evaluate_torch(model, test, task, mean, std, batch_size=4)
+  assert set(metrics) == {'AP', 'AP50', 'AP75', 'AR100'}
+  assert all(0.0 <= v <= 1.0 for v in metrics.values()) and details['images'] == 4
+  assert model.training
