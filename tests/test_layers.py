@@ -301,6 +301,91 @@ def test_traced_for_a_platform_traces_its_formulation_alone(platform, written):
       np.testing.assert_array_equal(a, b)
 
 
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+# (input H, W; kernel; stride; dilation) of 'SAME' convolutions whose operands, or whose
+# gradient's, XLA swaps: 2x2, 1x1 and 2x3 maps under 3x3 and 5x5 kernels, 3x3/2 from 2x2 and from
+# 4x4 (only its input gradient is swapped), a dilated 3x3 whose centre tap alone reaches a 2x2 map.
+SWAPPED_CONVS = [((2, 2), 3, 1, 1), ((1, 1), 3, 1, 1), ((1, 1), 5, 1, 1), ((2, 3), 5, 1, 1),
+                 ((2, 2), 3, 2, 1), ((4, 4), 3, 2, 1), ((2, 2), 3, 1, 2)]
+
+
+@pytest.mark.parametrize('size,kernel,stride,dilation', SWAPPED_CONVS)
+def test_small_map_conv_formulation_equals_xla_values_and_gradients(size, kernel, stride,
+                                                                     dilation):
+  """Traced for CPU, a convolution XLA would swap is a patches product, with no convolution left,
+  that has the convolution's values and input and kernel gradients (bfloat16: within rounding)."""
+  from cnnlab.layers import conv
+  args = dict(window_strides=(stride, stride), padding='SAME', rhs_dilation=(dilation, dilation),
+              dimension_numbers=NHWC)
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+    x = jax.random.normal(jax.random.key(0), (2, *size, 8)).astype(dtype)
+    w = (0.3 * jax.random.normal(jax.random.key(1), (kernel, kernel, 8, 16))).astype(dtype)
+    xla = lambda x, w: lax.conv_general_dilated(x, w, **args)
+    ct = jax.random.normal(jax.random.key(2), jax.eval_shape(xla, x, w).shape)
+
+    def value_and_grads(f):
+      loss = lambda x, w: (lambda y: (jnp.sum(y.astype(jnp.float32) * ct), y))(f(x, w))
+      (_, y), (dx, dw) = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, w)
+      return y, dx, dw
+
+    cpu = platforms.traced_for(
+        'cpu', lambda x, w: value_and_grads(lambda x, w: conv.conv_general_dilated(x, w, **args)))
+    assert 'conv_general_dilated' not in str(jax.make_jaxpr(cpu)(x, w))
+    got, want = jax.jit(lambda x, w: (cpu(x, w), value_and_grads(xla)))(x, w)
+    for a, b in zip(got, want):
+      assert a.dtype == dtype
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol,
+                                 atol=tol)
+
+
+@pytest.mark.parametrize('size,kwargs,patches', [
+    ((2, 2), {}, True), ((1, 1), {}, True),
+    ((4, 4), dict(strides=2), True),  # its input gradient is swapped
+    ((3, 3), {}, False), ((8, 8), dict(strides=2), False), ((2, 2), dict(kernel_size=1), False),
+    ((1, 1), dict(padding='FULL'), False),  # a 1x1 map padded by kernel - 1: XLA keeps it
+    ((2, 2), dict(groups=2), False),  # XLA swaps no grouped convolution
+])
+def test_conv_block_takes_the_patches_product_only_where_xla_swaps(size, kwargs, patches):
+  """ConvBlock's gradient traced for CPU holds no convolution where XLA would swap one (of the
+  forward pass or of its gradient) and only there; traced for another platform it keeps XLA's
+  convolution, and untraced it defers the choice (a conditional) only where there is one."""
+  block = layers.ConvBlock(8, **{'kernel_size': 3, 'norm': 'none', 'act': 'none', **kwargs})
+  x = jnp.ones((2, *size, 4))
+  variables = block.init(jax.random.key(0), x)
+  grad = jax.grad(lambda v, x: jnp.sum(block.apply(v, x) ** 2), (0, 1))
+  for platform in ('cpu', 'gpu'):
+    jaxpr = str(jax.make_jaxpr(platforms.traced_for(platform, grad))(variables, x))
+    assert 'cond[' not in jaxpr
+    assert ('conv_general_dilated' not in jaxpr) == (patches and platform == 'cpu')
+  assert ('cond[' in str(jax.make_jaxpr(grad)(variables, x))) == patches
+
+
+def test_xla_swaps_the_convolutions_predicted():
+  """conv.xla_swaps_operands restates XLA's ConvOperandSwapper: the compiled value and gradient
+  of a convolution hold a swapped convolution (its window reversed) for each of the forward,
+  input-gradient and kernel-gradient convolutions predicted, and no other. If an XLA upgrade
+  moves the rule, this fails and the CPU formulation's condition must follow it."""
+  from cnnlab.layers import conv
+  for size, kernel, stride, padding in [((2, 2), 3, 1, 'SAME'), ((1, 1), 3, 1, 'SAME'),
+                                        ((1, 1), 3, 1, ((2, 2), (2, 2))), ((3, 3), 3, 1, 'SAME'),
+                                        ((4, 4), 3, 2, 'SAME'), ((8, 8), 3, 2, 'SAME'),
+                                        ((2, 2), 5, 1, 'SAME'), ((2, 3), 3, 1, 'SAME')]:
+    x, w = jnp.ones((2, *size, 4)), jnp.ones((kernel, kernel, 4, 8))
+    f = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                              dimension_numbers=NHWC)
+    hlo = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))).lower(
+        x, w).compile().as_text()
+    swapped = [line for line in hlo.splitlines()
+               if ' convolution(' in line and 'rhs_reversal' in line]
+    pads = (lax.padtype_to_pads(size, (kernel, kernel), (stride, stride), padding)
+            if isinstance(padding, str) else padding)
+    out = jax.eval_shape(f, x, w).shape[1:3]
+    predicted = [conv.xla_swaps_operands(*args) for args in conv.gradient_convolutions(
+        size, (kernel, kernel), (stride, stride), pads, (1, 1), out).values()]
+    assert len(swapped) == sum(predicted), (size, kernel, stride, padding, swapped, predicted)
+
+
 def test_residual_relu_has_relu_values_and_gradients_ties_included():
   y = jnp.array([-2.0, -1.0, 0.0, 0.0, 1.0, 0.5, -0.5])
   shortcut = jnp.array([1.0, 1.0, 0.0, 2.0, -1.0, 0.0, 3.0])  # sums: -1, 0, 0, 2, 0, 0.5, 2.5
